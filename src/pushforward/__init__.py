@@ -1,0 +1,16 @@
+"""pushforward: normalizing flows in PyTorch with exact densities.
+
+``log p(x) = log p_z(f(x)) + log|det Df(x)|``, where ``f`` maps data to latent.
+"""
+
+from . import distributions, models, nn, transforms
+from .core import Compose, Flow, FlowDistribution, Inverse, Transform
+from .distributions import DiagonalNormal, StandardNormal
+from .io import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compose", "DiagonalNormal", "Flow", "FlowDistribution", "Inverse", "StandardNormal", "Transform",
+    "distributions", "load", "models", "nn", "save", "transforms",
+]

@@ -1,0 +1,176 @@
+"""Recipes: functions that build a ready-to-train :class:`~pushforward.core.Flow`.
+
+Every recipe records its name and arguments in ``flow.config`` so that :func:`build` (and
+:func:`pushforward.io.load`) can rebuild the same architecture without unpickling code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+
+from .core import Compose, Flow, Transform
+from .distributions import StandardNormal
+from .nn import MLP, ConvNet, ResNet
+from .transforms import (
+    ActNorm,
+    AdditiveKernel,
+    AffineKernel,
+    AlternatingMask,
+    CheckerboardMask,
+    ChannelMask,
+    Coupling,
+    ElementwiseAffine,
+    FactorOut,
+    HalfMask,
+    InvertibleConv1x1,
+    Logit,
+    Squeeze,
+    Unsqueeze,
+)
+
+__all__ = ["nice", "realnvp", "realnvp_image", "glow", "build", "RECIPES"]
+
+RECIPES: dict[str, Callable[..., Flow]] = {}
+
+
+def recipe(fn: Callable[..., Flow]) -> Callable[..., Flow]:
+    """Registers ``fn`` and records its bound arguments in ``flow.config``."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> Flow:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        flow = fn(*bound.args, **bound.kwargs)
+        arguments = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
+        flow.config = {"recipe": fn.__name__, "kwargs": arguments}
+        return flow
+
+    RECIPES[fn.__name__] = wrapper
+    return wrapper
+
+
+def build(config: dict) -> Flow:
+    """Rebuilds a flow from its ``flow.config`` (``{"recipe": name, "kwargs": {...}}``)."""
+    name = config.get("recipe")
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name](**config.get("kwargs", {}))
+
+
+_VECTOR_MASKS = {"half": HalfMask, "alternating": AlternatingMask}
+
+
+def _vector_mask(name: str):
+    if name not in _VECTOR_MASKS:
+        raise ValueError(f"mask must be one of {sorted(_VECTOR_MASKS)}, got {name!r}")
+    return _VECTOR_MASKS[name]
+
+
+def _couplings(features, layers, kernel, hidden, mask, context_features) -> list[Transform]:
+    mask_cls = _vector_mask(mask)
+    net = functools.partial(MLP, hidden=tuple(hidden), context_features=context_features)
+    return [Coupling(mask_cls(features, flip=bool(i % 2)), kernel, net) for i in range(layers)]
+
+
+@recipe
+def nice(features: int, layers: int = 4, hidden: Sequence[int] = (256, 256), mask: str = "alternating",
+         context_features: int = 0) -> Flow:
+    """NICE: additive couplings with alternating masks, then a diagonal scaling layer.
+
+    References:
+        Dinh, Krueger & Bengio, "NICE: Non-linear Independent Components Estimation", 2015.
+    """
+    layers_ = _couplings(features, layers, AdditiveKernel(), hidden, mask, context_features)
+    return Flow(Compose(*layers_, ElementwiseAffine(features, shift=False)), StandardNormal(features))
+
+
+@recipe
+def realnvp(features: int, layers: int = 8, hidden: Sequence[int] = (128, 128), mask: str = "alternating",
+            bound: float = 3.0, context_features: int = 0) -> Flow:
+    """RealNVP for vectors: affine couplings whose masks alternate from layer to layer.
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
+    """
+    layers_ = _couplings(features, layers, AffineKernel(bound), hidden, mask, context_features)
+    return Flow(Compose(*layers_), StandardNormal(features))
+
+
+def _check_image_shape(shape: Sequence[int], squeezes: int, who: str) -> tuple[int, int, int]:
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{who} expects an image shape (C, H, W), got {tuple(shape)}")
+    c, h, w = shape
+    k = 2**squeezes
+    if h % k or w % k:
+        raise ValueError(
+            f"{who} squeezes {squeezes} time(s), so height and width must be divisible by {k}; got {h}x{w}"
+        )
+    return c, h, w
+
+
+def _preprocess(alpha: float | None) -> list[Transform]:
+    return [] if alpha is None else [Logit(alpha, event_dim=3)]
+
+
+@recipe
+def realnvp_image(shape: Sequence[int], levels: int = 2, hidden_channels: int = 64, blocks: int = 2,
+                  alpha: float | None = 0.05, bound: float = 3.0, context_features: int = 0) -> Flow:
+    """RealNVP's multi-scale image model for data in ``[0, 1]`` (dequantized pixels).
+
+    Each scale but the last: 3 checkerboard couplings, squeeze, 3 channel couplings, factor out
+    half the channels. The last scale: 4 checkerboard couplings. Conditioners are ResNets.
+    ``alpha`` adds the logit preprocessing inside the flow (``None``: data already real-valued).
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017, section 4.1.
+    """
+    c, h, w = _check_image_shape(shape, levels - 1, "realnvp_image")
+    net = functools.partial(ResNet, hidden_channels=hidden_channels, blocks=blocks,
+                            context_features=context_features)
+    kernel = AffineKernel(bound)
+
+    def scale(c: int, h: int, w: int, level: int) -> list[Transform]:
+        last = level == levels - 1
+        ts: list[Transform] = [
+            Coupling(CheckerboardMask(c, h, w, flip=bool(i % 2)), kernel, net) for i in range(4 if last else 3)
+        ]
+        if last:
+            return ts
+        c, h, w = 4 * c, h // 2, w // 2
+        ts.append(Squeeze())
+        ts += [Coupling(ChannelMask(c, flip=bool(i % 2)), kernel, net) for i in range(3)]
+        kept = c - c // 2
+        ts += [FactorOut(c, Compose(*scale(kept, h, w, level + 1))), Unsqueeze()]
+        return ts
+
+    return Flow(Compose(*_preprocess(alpha), *scale(c, h, w, 0)), StandardNormal(shape))
+
+
+@recipe
+def glow(shape: Sequence[int], levels: int = 2, steps: int = 4, hidden_channels: int = 64,
+         alpha: float | None = 0.05, bound: float = 3.0, context_features: int = 0) -> Flow:
+    """Glow: per level, squeeze then ``steps`` x (ActNorm, invertible 1x1 conv, affine coupling),
+    then factor out half the channels (all levels but the last).
+
+    References:
+        Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
+    c, h, w = _check_image_shape(shape, levels, "glow")
+    net = functools.partial(ConvNet, hidden_channels=hidden_channels, context_features=context_features)
+    kernel = AffineKernel(bound)
+
+    def level(c: int, level_: int) -> list[Transform]:
+        c = 4 * c
+        ts: list[Transform] = [Squeeze()]
+        for _ in range(steps):
+            ts += [ActNorm(c, event_dim=3), InvertibleConv1x1(c), Coupling(ChannelMask(c), kernel, net)]
+        if level_ < levels - 1:
+            kept = c - c // 2
+            ts.append(FactorOut(c, Compose(*level(kept, level_ + 1))))
+        ts.append(Unsqueeze())
+        return ts
+
+    return Flow(Compose(*_preprocess(alpha), *level(c, 0)), StandardNormal(shape))

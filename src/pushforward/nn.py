@@ -1,0 +1,162 @@
+"""Conditioner networks. Each has the factory signature ``(in_features, out_features, ...)`` and a
+zero-initialised last layer, so a coupling layer built on it starts as the identity.
+
+Pass extra options with ``functools.partial``, e.g. ``partial(MLP, hidden=(256, 256))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MLP", "ConvNet", "ResNet"]
+
+
+def _zero(layer: nn.Module) -> nn.Module:
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class MLP(nn.Sequential):
+    """A multilayer perceptron ``(*, in_features) -> (*, out_features)``.
+
+    Args:
+        in_features: input size.
+        out_features: output size.
+        hidden: hidden layer sizes.
+        activation: activation module class.
+        context_features: size of an optional context, concatenated to the input.
+        zero_init: zero-initialise the last layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (128, 128),
+        activation: type[nn.Module] = nn.ReLU,
+        context_features: int = 0,
+        zero_init: bool = True,
+    ):
+        sizes = [in_features + context_features, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), activation()]
+        last = nn.Linear(sizes[-1], out_features)
+        layers.append(_zero(last) if zero_init else last)
+        super().__init__(*layers)
+        self.context_features = context_features
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.context_features:
+            if context is None:
+                raise ValueError(f"this MLP was built for a context of {self.context_features} features; got none")
+            x = torch.cat([x, context.expand(*x.shape[:-1], context.shape[-1])], dim=-1)
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class _ContextBias(nn.Module):
+    """Adds a per-channel bias computed from the context (FiLM-style shift)."""
+
+    def __init__(self, context_features: int, channels: int):
+        super().__init__()
+        self.linear = nn.Linear(context_features, channels)
+
+    def forward(self, h: Tensor, context: Tensor) -> Tensor:
+        return h + self.linear(context)[..., :, None, None]
+
+
+class ConvNet(nn.Module):
+    """Glow's conditioner: ``conv3x3 -> act -> conv1x1 -> act -> conv3x3`` (last one zero-initialised).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        hidden_channels: width of the hidden layers.
+        context_features: size of an optional context vector, added as a per-channel bias.
+
+    References:
+        Kingma & Dhariwal, "Glow", 2018, section 3.3.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int = 64,
+        activation: type[nn.Module] = nn.ReLU,
+        context_features: int = 0,
+    ):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 1)
+        self.conv3 = _zero(nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
+        self.act = activation()
+        self.context = _ContextBias(context_features, hidden_channels) if context_features else None
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        h = self.conv1(x)
+        if self.context is not None:
+            if context is None:
+                raise ValueError("this ConvNet was built for a context; got none")
+            h = self.context(h, context)
+        h = self.act(self.conv2(self.act(h)))
+        return self.conv3(self.act(h))
+
+
+class _Block(nn.Module):
+    def __init__(self, channels: int, activation: type[nn.Module]):
+        super().__init__()
+        self.net = nn.Sequential(
+            activation(), nn.Conv2d(channels, channels, 3, padding=1), activation(), nn.Conv2d(channels, channels, 3, padding=1)
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.net(h)
+
+
+class ResNet(nn.Module):
+    """A convolutional residual network: ``conv3x3 -> blocks x (act, conv3x3, act, conv3x3, +) -> act -> conv3x3``.
+
+    The last convolution is zero-initialised. No batch normalisation, so train and eval modes agree.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        hidden_channels: width of the residual blocks.
+        blocks: number of residual blocks.
+        context_features: size of an optional context vector, added as a per-channel bias.
+
+    References:
+        He et al., "Deep Residual Learning", 2016; used as RealNVP's conditioner (Dinh et al., 2017).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int = 64,
+        blocks: int = 2,
+        activation: type[nn.Module] = nn.ReLU,
+        context_features: int = 0,
+    ):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
+        self.blocks = nn.Sequential(*[_Block(hidden_channels, activation) for _ in range(blocks)])
+        self.act = activation()
+        self.head = _zero(nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
+        self.context = _ContextBias(context_features, hidden_channels) if context_features else None
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        h = self.stem(x)
+        if self.context is not None:
+            if context is None:
+                raise ValueError("this ResNet was built for a context; got none")
+            h = self.context(h, context)
+        return self.head(self.act(self.blocks(h)))

@@ -1,0 +1,230 @@
+"""Pointwise transforms: the Jacobian is diagonal, so ``log|det| = sum_i log|g'(x_i)|``.
+
+Every class here takes ``event_dim``, the number of trailing dimensions that form one event
+(1 for vectors, 3 for images), over which the log-derivatives are summed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import Transform, sum_event
+
+__all__ = ["LeakyReLU", "Sigmoid", "Logit", "Tanh", "ElementwiseAffine", "ActNorm"]
+
+_LOG2 = math.log(2.0)
+
+
+class _Pointwise(Transform):
+    """A parameter-free pointwise bijection given by ``_f`` and ``_finv``, each ``x -> (y, log|dy/dx|)``."""
+
+    def __init__(self, event_dim: int = 1):
+        super().__init__()
+        self.event_dim = event_dim
+
+    def _f(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _finv(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _check_domain(self, x: Tensor, low: float, high: float, closed: bool, what: str) -> None:
+        if torch.compiler.is_compiling():
+            return
+        bad = (x < low) | (x > high) if closed else (x <= low) | (x >= high)
+        if bool(bad.any()):
+            interval = f"[{low}, {high}]" if closed else f"({low}, {high})"
+            found = x[bad]
+            raise ValueError(
+                f"{type(self).__name__}.{what} expects values in {interval}, got {found.numel()} outside "
+                f"(min {x.min().item():.4g}, max {x.max().item():.4g})"
+            )
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, logd = self._f(x)
+        return y, sum_event(logd, self.event_dim)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, logd = self._finv(z)
+        return x, sum_event(logd, self.event_dim)
+
+    def extra_repr(self) -> str:
+        return f"event_dim={self.event_dim}"
+
+
+class LeakyReLU(_Pointwise):
+    """``y = x`` for ``x >= 0`` and ``y = a x`` otherwise, with slope ``0 < a``."""
+
+    def __init__(self, negative_slope: float = 0.01, event_dim: int = 1):
+        super().__init__(event_dim)
+        if not negative_slope > 0:
+            raise ValueError(f"LeakyReLU needs negative_slope > 0 to be invertible, got {negative_slope}")
+        self.negative_slope = negative_slope
+
+    def _f(self, x):
+        neg = x < 0
+        y = torch.where(neg, x * self.negative_slope, x)
+        return y, neg.to(x.dtype) * math.log(self.negative_slope)
+
+    def _finv(self, y):
+        neg = y < 0
+        x = torch.where(neg, y / self.negative_slope, y)
+        return x, neg.to(y.dtype) * -math.log(self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}, event_dim={self.event_dim}"
+
+
+class Sigmoid(_Pointwise):
+    """``y = sigmoid(x)``: maps the real line onto ``(0, 1)``. Its inverse is :class:`Logit`."""
+
+    def _f(self, x):
+        return torch.sigmoid(x), -F.softplus(-x) - F.softplus(x)
+
+    def _finv(self, y):
+        self._check_domain(y, 0.0, 1.0, closed=False, what="inverse")
+        return torch.logit(y), -torch.log(y) - torch.log1p(-y)
+
+
+class Logit(_Pointwise):
+    """Preprocessing for data in ``[0, 1]``: ``y = logit(alpha + (1 - 2 alpha) x)``.
+
+    ``alpha`` keeps the logit away from infinity at 0 and 1 (RealNVP uses 0.05). Its
+    log-determinant is counted, so densities stay exact in the data space.
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017, section 4.1.
+    """
+
+    def __init__(self, alpha: float = 0.05, event_dim: int = 1):
+        super().__init__(event_dim)
+        if not 0 <= alpha < 0.5:
+            raise ValueError(f"Logit needs 0 <= alpha < 0.5, got {alpha}")
+        self.alpha = alpha
+        self._log_scale = math.log1p(-2 * alpha)
+
+    def _f(self, x):
+        self._check_domain(x, 0.0, 1.0, closed=True, what="forward")
+        s = self.alpha + (1 - 2 * self.alpha) * x
+        return torch.log(s) - torch.log1p(-s), self._log_scale - torch.log(s) - torch.log1p(-s)
+
+    def _finv(self, z):
+        x = (torch.sigmoid(z) - self.alpha) / (1 - 2 * self.alpha)
+        return x, -F.softplus(-z) - F.softplus(z) - self._log_scale
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, event_dim={self.event_dim}"
+
+
+class Tanh(_Pointwise):
+    """``y = tanh(x)``: maps the real line onto ``(-1, 1)``."""
+
+    def _f(self, x):
+        # log(1 - tanh(x)^2) = 2 (log 2 - x - softplus(-2x)), stable for large |x|.
+        return torch.tanh(x), 2 * (_LOG2 - x - F.softplus(-2 * x))
+
+    def _finv(self, y):
+        self._check_domain(y, -1.0, 1.0, closed=False, what="inverse")
+        return torch.atanh(y), -torch.log1p(-y.square())
+
+
+def _param_shape(features: int, event_dim: int) -> tuple[int, ...]:
+    """Per-feature parameters on the first event dimension, broadcast over the rest."""
+    return (features,) + (1,) * (event_dim - 1)
+
+
+class ElementwiseAffine(Transform):
+    """``z = x * exp(log_scale) + shift`` with one scale (and shift) per feature.
+
+    The parameters live on the first event dimension (features for vectors, channels for images)
+    and are broadcast over the others. With ``shift=False`` this is NICE's diagonal scaling layer.
+    Initialised at the identity.
+
+    Args:
+        features: size of the first event dimension.
+        event_dim: 1 for ``(*, D)`` vectors, 3 for ``(*, C, H, W)`` images.
+        shift: learn a shift as well as a scale.
+
+    References:
+        Dinh, Krueger & Bengio, "NICE: Non-linear Independent Components Estimation", 2015 (scaling).
+    """
+
+    def __init__(self, features: int, event_dim: int = 1, shift: bool = True):
+        super().__init__()
+        self.features, self.event_dim = features, event_dim
+        shape = _param_shape(features, event_dim)
+        self.log_scale = nn.Parameter(torch.zeros(shape))
+        self.shift = nn.Parameter(torch.zeros(shape)) if shift else None
+
+    def _ladj(self, x: Tensor) -> Tensor:
+        per_param = math.prod(x.shape[x.dim() - self.event_dim + 1:])
+        return (self.log_scale.sum() * per_param).expand(x.shape[: x.dim() - self.event_dim])
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        z = x * self.log_scale.exp()
+        if self.shift is not None:
+            z = z + self.shift
+        return z, self._ladj(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.shift is not None:
+            z = z - self.shift
+        return z * torch.exp(-self.log_scale), -self._ladj(z)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, event_dim={self.event_dim}, shift={self.shift is not None}"
+
+
+class ActNorm(ElementwiseAffine):
+    """Per-channel affine layer initialised from the first batch it sees (data -> latent direction).
+
+    After initialisation each feature of that batch has zero mean and unit variance. The
+    initialised state is a buffer, so it survives ``state_dict`` round trips.
+
+    References:
+        Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
+
+    def __init__(self, features: int, event_dim: int = 1, eps: float = 1e-6):
+        super().__init__(features, event_dim, shift=True)
+        self.eps = eps
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False  # Python mirror of the buffer: no data-dependent branch under compile.
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Sets scale and shift so that ``x`` is normalised per feature."""
+        dim = x.dim() - self.event_dim
+        reduce = [d for d in range(x.dim()) if d != dim]
+        mean = x.mean(dim=reduce)
+        mean_sq = x.square().mean(dim=reduce)
+        mean, mean_sq = self._reduce_statistics(mean, mean_sq)
+        std = (mean_sq - mean.square()).clamp_min(0).sqrt() + self.eps
+        shape = self.log_scale.shape
+        self.log_scale.copy_((-std.log()).reshape(shape))
+        self.shift.copy_((-mean / std).reshape(shape))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _reduce_statistics(self, mean: Tensor, mean_sq: Tensor) -> tuple[Tensor, Tensor]:
+        """Averages the statistics over processes under ``torch.distributed`` (same init on every rank)."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            stats = torch.stack([mean, mean_sq])
+            dist.all_reduce(stats)
+            stats /= dist.get_world_size()
+            mean, mean_sq = stats[0], stats[1]
+        return mean, mean_sq
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if not self._initialized:
+            self.initialize(x)
+        return super().forward(x, context)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)

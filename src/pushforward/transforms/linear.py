@@ -1,0 +1,228 @@
+"""Linear transforms ``z = W x + b`` (lecture: the linear family).
+
+Costs of ``log|det W|``: full matrix O(D^3) (slogdet), triangular and LU O(D), permutation 0.
+Inverses use triangular solves wherever the structure allows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import Transform
+
+__all__ = [
+    "Linear",
+    "Triangular",
+    "LowerTriangular",
+    "UpperTriangular",
+    "Permutation",
+    "Reverse",
+    "LULinear",
+    "InvertibleConv1x1",
+]
+
+
+def _batch(x: Tensor, event_dim: int) -> torch.Size:
+    return x.shape[: x.dim() - event_dim]
+
+
+class Linear(Transform):
+    """Full-rank ``z = W x + b`` on ``(*, D)``; ``log|det W|`` by ``slogdet`` (O(D^3)).
+
+    Initialised with a random orthogonal ``W`` (|det| = 1) and ``b = 0``.
+    """
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = features
+        self.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(features, features)))
+        self.bias = nn.Parameter(torch.zeros(features))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ladj = torch.linalg.slogdet(self.weight)[1]
+        return F.linear(x, self.weight, self.bias), ladj.expand(_batch(x, 1))
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ladj = torch.linalg.slogdet(self.weight)[1]
+        x = torch.linalg.solve(self.weight.T, z - self.bias, left=False)
+        return x, -ladj.expand(_batch(z, 1))
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class Triangular(Transform):
+    """``z = L x + b`` with ``L`` triangular and a positive diagonal ``exp(log_diag)``.
+
+    ``log|det L| = sum(log_diag)`` in O(D); the inverse is a triangular solve in O(D^2).
+
+    Args:
+        features: ``D``.
+        upper: upper instead of lower triangular.
+    """
+
+    def __init__(self, features: int, upper: bool = False):
+        super().__init__()
+        self.features, self.upper = features, upper
+        self.off_diagonal = nn.Parameter(torch.zeros(features, features))
+        self.log_diag = nn.Parameter(torch.zeros(features))
+        self.bias = nn.Parameter(torch.zeros(features))
+
+    def weight(self) -> Tensor:
+        off = self.off_diagonal.triu(1) if self.upper else self.off_diagonal.tril(-1)
+        return off + torch.diag(self.log_diag.exp())
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return F.linear(x, self.weight(), self.bias), self.log_diag.sum().expand(_batch(x, 1))
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        w = self.weight()
+        # x W^T = z - b, and W^T is upper triangular when W is lower.
+        x = torch.linalg.solve_triangular(w.T, z - self.bias, upper=not self.upper, left=False)
+        return x, -self.log_diag.sum().expand(_batch(z, 1))
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, upper={self.upper}"
+
+
+class LowerTriangular(Triangular):
+    """:class:`Triangular` with a lower-triangular matrix."""
+
+    def __init__(self, features: int):
+        super().__init__(features, upper=False)
+
+
+class UpperTriangular(Triangular):
+    """:class:`Triangular` with an upper-triangular matrix."""
+
+    def __init__(self, features: int):
+        super().__init__(features, upper=True)
+
+
+class Permutation(Transform):
+    """A fixed permutation of the first event dimension (features or channels); ``|det| = 1``.
+
+    Args:
+        permutation: a permutation of ``range(features)``, e.g. ``torch.randperm(D)``.
+        event_dim: 1 for ``(*, D)`` vectors, 3 for ``(*, C, H, W)`` images (permutes channels).
+    """
+
+    def __init__(self, permutation: Tensor | list[int], event_dim: int = 1):
+        super().__init__()
+        perm = torch.as_tensor(permutation, dtype=torch.long)
+        if perm.dim() != 1 or not torch.equal(perm.sort().values, torch.arange(len(perm))):
+            raise ValueError(f"Permutation expects a permutation of range(n), got {perm.tolist()}")
+        self.event_dim = event_dim
+        self.register_buffer("permutation", perm)
+        self.register_buffer("inverse_permutation", torch.argsort(perm))
+
+    def _apply_perm(self, x: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[-self.event_dim] != index.numel():
+            raise ValueError(
+                f"{type(self).__name__} permutes {index.numel()} features on dim -{self.event_dim}, "
+                f"got a tensor of shape {tuple(x.shape)}"
+            )
+        return x.index_select(x.dim() - self.event_dim, index), x.new_zeros(_batch(x, self.event_dim))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._apply_perm(x, self.permutation)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._apply_perm(z, self.inverse_permutation)
+
+    def extra_repr(self) -> str:
+        return f"features={self.permutation.numel()}, event_dim={self.event_dim}"
+
+
+class Reverse(Permutation):
+    """Reverses the order of the features (or channels)."""
+
+    def __init__(self, features: int, event_dim: int = 1):
+        super().__init__(torch.arange(features - 1, -1, -1), event_dim)
+
+
+class LULinear(Transform):
+    """``z = W x + b`` with ``W = P L (U + diag(sign * exp(log_abs_s)))``, ``P`` fixed.
+
+    ``L`` is unit lower triangular, ``U`` strictly upper triangular; ``log|det W| = sum(log_abs_s)``
+    in O(D). Initialised from the LU decomposition of a random orthogonal matrix (Glow).
+
+    References:
+        Kingma & Dhariwal, "Glow", 2018, section 3.2 (LU-decomposed parameterisation).
+    """
+
+    event_dim = 1
+
+    def __init__(self, features: int, bias: bool = True):
+        super().__init__()
+        self.features = features
+        w = torch.linalg.qr(torch.randn(features, features, dtype=torch.float64))[0]
+        p, lower, upper = torch.linalg.lu(w)
+        s = upper.diagonal()
+        self.register_buffer("p", p.float())
+        self.register_buffer("sign_s", s.sign().float())
+        self.register_buffer("_lower_mask", torch.ones(features, features).tril(-1))
+        self.register_buffer("_eye", torch.eye(features))
+        self.lower = nn.Parameter(lower.tril(-1).float())
+        self.upper = nn.Parameter(upper.triu(1).float())
+        self.log_abs_s = nn.Parameter(s.abs().log().float())
+        self.bias = nn.Parameter(torch.zeros(features)) if bias else None
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        lower = self.lower * self._lower_mask + self._eye
+        upper = self.upper * self._lower_mask.T + torch.diag(self.sign_s * self.log_abs_s.exp())
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """``W = P L U``."""
+        lower, upper = self._factors()
+        return self.p @ (lower @ upper)
+
+    def inverse_weight(self) -> Tensor:
+        """``W^-1 = U^-1 L^-1 P^T`` by two triangular solves."""
+        lower, upper = self._factors()
+        lower_inv_pt = torch.linalg.solve_triangular(lower, self.p.T, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(upper, lower_inv_pt, upper=True)
+
+    def _ladj(self, x: Tensor) -> Tensor:
+        per_param = math.prod(x.shape[x.dim() - self.event_dim + 1:])
+        return (self.log_abs_s.sum() * per_param).expand(_batch(x, self.event_dim))
+
+    def _matmul(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        z = self._matmul(x, self.weight())
+        if self.bias is not None:
+            z = z + self.bias
+        return z, self._ladj(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.bias is not None:
+            z = z - self.bias
+        return self._matmul(z, self.inverse_weight()), -self._ladj(z)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class InvertibleConv1x1(LULinear):
+    """Glow's invertible 1x1 convolution on ``(*, C, H, W)``, in LU form (no bias).
+
+    ``log|det| = H * W * sum(log_abs_s)``.
+
+    References:
+        Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
+
+    event_dim = 3
+
+    def __init__(self, channels: int):
+        super().__init__(channels, bias=False)
+
+    def _matmul(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight[:, :, None, None])
