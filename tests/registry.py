@@ -1,0 +1,132 @@
+"""One registry of every transform, vector- and image-shaped, with and without context.
+
+Each case builds a transform in float64, initialises data-dependent layers on a batch and then
+perturbs every parameter, so zero-initialised layers are not trivially the identity.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pushforward import Compose, Inverse, models
+from pushforward.nn import MLP, ConvNet, ResNet
+from pushforward.transforms import (
+    ActNorm,
+    AdditiveKernel,
+    AffineKernel,
+    AlternatingMask,
+    ChannelMask,
+    CheckerboardMask,
+    Coupling,
+    ElementwiseAffine,
+    FactorOut,
+    HalfMask,
+    InvertibleConv1x1,
+    LeakyReLU,
+    Linear,
+    Logit,
+    LowerTriangular,
+    LULinear,
+    Permutation,
+    Reverse,
+    Sigmoid,
+    Squeeze,
+    Tanh,
+    Unsqueeze,
+    UpperTriangular,
+)
+
+
+@dataclass
+class Case:
+    build: Callable[[], torch.nn.Module]
+    shape: tuple[int, ...]
+    context: int = 0  # context features, 0 = none
+    unit_interval: bool = False  # inputs must lie in (0, 1)
+
+    def data(self, n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        g = torch.Generator().manual_seed(seed)
+        if self.unit_interval:
+            x = torch.rand(n, *self.shape, generator=g, dtype=torch.float64) * 0.9 + 0.05
+        else:
+            x = torch.randn(n, *self.shape, generator=g, dtype=torch.float64)
+        c = torch.randn(n, self.context, generator=g, dtype=torch.float64) if self.context else None
+        return x, c
+
+    def make(self, seed: int = 0) -> torch.nn.Module:
+        """Builds, initialises on data, and perturbs all parameters (deterministically)."""
+        torch.manual_seed(seed)
+        t = self.build().double()
+        x, c = self.data(8, seed=seed + 100)
+        with torch.no_grad():
+            t(x, c)  # ActNorm data-dependent initialisation
+            g = torch.Generator().manual_seed(seed + 1)
+            for p in t.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        return t
+
+
+V = 5  # vector size (odd on purpose: uneven splits)
+IMG = (2, 4, 4)
+mlp = functools.partial(MLP, hidden=(16, 16))
+mlp_ctx = functools.partial(MLP, hidden=(16,), context_features=3)
+conv = functools.partial(ConvNet, hidden_channels=8)
+conv_ctx = functools.partial(ConvNet, hidden_channels=8, context_features=3)
+resnet = functools.partial(ResNet, hidden_channels=8, blocks=1)
+
+CASES: dict[str, Case] = {
+    # pointwise
+    "leaky_relu": Case(lambda: LeakyReLU(0.3), (V,)),
+    "sigmoid": Case(lambda: Sigmoid(), (V,)),
+    "logit": Case(lambda: Logit(0.05), (V,), unit_interval=True),
+    "logit_no_alpha": Case(lambda: Logit(0.0), (V,), unit_interval=True),
+    "tanh": Case(lambda: Tanh(), (V,)),
+    "inverse_sigmoid": Case(lambda: Inverse(Sigmoid()), (V,), unit_interval=True),
+    # linear family
+    "elementwise_affine": Case(lambda: ElementwiseAffine(V), (V,)),
+    "nice_scaling": Case(lambda: ElementwiseAffine(V, shift=False), (V,)),
+    "actnorm": Case(lambda: ActNorm(V), (V,)),
+    "linear": Case(lambda: Linear(V), (V,)),
+    "lower_triangular": Case(lambda: LowerTriangular(V), (V,)),
+    "upper_triangular": Case(lambda: UpperTriangular(V), (V,)),
+    "permutation": Case(lambda: Permutation(torch.randperm(V)), (V,)),
+    "reverse": Case(lambda: Reverse(V), (V,)),
+    "lu_linear": Case(lambda: LULinear(V), (V,)),
+    # coupling
+    "additive_half": Case(lambda: Coupling(HalfMask(V), AdditiveKernel(), mlp), (V,)),
+    "affine_half_flip": Case(lambda: Coupling(HalfMask(V, flip=True), AffineKernel(), mlp), (V,)),
+    "affine_alternating": Case(lambda: Coupling(AlternatingMask(V), AffineKernel(), mlp), (V,)),
+    "affine_alternating_flip": Case(lambda: Coupling(AlternatingMask(V, flip=True), AffineKernel(), mlp), (V,)),
+    "affine_context": Case(lambda: Coupling(HalfMask(V), AffineKernel(), mlp_ctx), (V,), context=3),
+    "inverse_coupling": Case(lambda: Inverse(Coupling(HalfMask(V), AffineKernel(), mlp)), (V,)),
+    "compose": Case(lambda: Compose(ActNorm(V), LULinear(V), Coupling(HalfMask(V), AffineKernel(), mlp), Tanh()), (V,)),
+    # image-shaped
+    "img_leaky_relu": Case(lambda: LeakyReLU(0.3, event_dim=3), IMG),
+    "img_logit": Case(lambda: Logit(0.05, event_dim=3), IMG, unit_interval=True),
+    "img_actnorm": Case(lambda: ActNorm(2, event_dim=3), IMG),
+    "img_elementwise_affine": Case(lambda: ElementwiseAffine(2, event_dim=3), IMG),
+    "img_permutation": Case(lambda: Permutation([1, 0], event_dim=3), IMG),
+    "img_reverse": Case(lambda: Reverse(2, event_dim=3), IMG),
+    "conv1x1": Case(lambda: InvertibleConv1x1(2), IMG),
+    "img_additive_channel": Case(lambda: Coupling(ChannelMask(2), AdditiveKernel(), conv), IMG),
+    "img_affine_channel": Case(lambda: Coupling(ChannelMask(2, flip=True), AffineKernel(), conv), IMG),
+    "img_affine_checkerboard": Case(lambda: Coupling(CheckerboardMask(2, 4, 4), AffineKernel(), resnet), IMG),
+    "img_checkerboard_flip": Case(lambda: Coupling(CheckerboardMask(2, 4, 4, flip=True), AffineKernel(), conv), IMG),
+    "img_affine_context": Case(lambda: Coupling(ChannelMask(2), AffineKernel(), conv_ctx), IMG, context=3),
+    "squeeze": Case(lambda: Squeeze(), IMG),
+    "unsqueeze": Case(lambda: Unsqueeze(), (4, 2, 2)),
+    "factor_out": Case(lambda: FactorOut(2, ElementwiseAffine(1, event_dim=3)), IMG),
+    # whole recipes, as transforms
+    "nice": Case(lambda: models.nice(V, layers=3, hidden=(16,)).transform, (V,)),
+    "realnvp": Case(lambda: models.realnvp(V, layers=3, hidden=(16,)).transform, (V,)),
+    "realnvp_image": Case(
+        lambda: models.realnvp_image((1, 4, 4), levels=2, hidden_channels=8, blocks=1).transform, (1, 4, 4),
+        unit_interval=True,
+    ),
+    "glow": Case(lambda: models.glow((1, 4, 4), levels=2, steps=2, hidden_channels=8).transform, (1, 4, 4),
+                 unit_interval=True),
+}
