@@ -1,0 +1,209 @@
+"""Distribution-level tests of Flow: normalisation, analytic Gaussians, shapes, temperature, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Distribution, MultivariateNormal
+
+import pushforward as pf
+from pushforward import Compose, Flow, models
+from pushforward.distributions import DiagonalNormal, StandardNormal
+from pushforward.transforms import ElementwiseAffine, Linear, LULinear
+
+
+def _perturb(module, scale, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_2d_density_integrates_to_one():
+    torch.manual_seed(0)
+    flow = models.realnvp(2, layers=4, hidden=(32, 32)).double()
+    _perturb(flow, 0.1)  # a visibly non-Gaussian density whose mass stays inside the grid
+    n, lim = 800, 12.0
+    g = torch.linspace(-lim, lim, n, dtype=torch.float64)
+    xx, yy = torch.meshgrid(g, g, indexing="ij")
+    grid = torch.stack([xx, yy], -1).reshape(-1, 2)
+    with torch.no_grad():
+        p = flow.log_prob(grid).exp()
+    mass = p.sum().item() * (g[1] - g[0]).item() ** 2
+    assert abs(mass - 1) < 0.02, mass
+    # and the flow is not the base: its density differs from N(0, I) somewhere by a lot
+    base = StandardNormal(2).double().log_prob(grid).exp()
+    assert (p - base).abs().max() > 0.01
+
+
+def test_affine_flow_equals_analytic_gaussian():
+    torch.manual_seed(0)
+    d = 3
+    flow = Flow(Compose(Linear(d), ElementwiseAffine(d), LULinear(d)), DiagonalNormal(d)).double()
+    _perturb(flow, 0.5)
+    # z = A x + b  =>  x ~ N(A^-1 (mu - b), A^-1 S A^-T) with S = diag(sigma^2)
+    eye = torch.eye(d, dtype=torch.float64)
+    b, _ = flow.transform(torch.zeros(1, d, dtype=torch.float64))
+    a = flow.transform(eye)[0] - b  # rows: A e_i, i.e. A^T
+    a = a.T.detach()
+    b = b[0].detach()
+    a_inv = torch.linalg.inv(a)
+    mu, sigma = flow.base.loc.detach(), flow.base.log_scale.detach().exp()
+    mvn = MultivariateNormal(a_inv @ (mu - b), a_inv @ torch.diag(sigma**2) @ a_inv.T)
+    x = torch.randn(50, d, dtype=torch.float64) * 2
+    torch.testing.assert_close(flow.log_prob(x), mvn.log_prob(x), atol=1e-10, rtol=1e-10)
+    # samples have the analytic moments
+    with torch.no_grad():
+        s = flow.sample(200_000)
+    torch.testing.assert_close(s.mean(0), mvn.mean, atol=0.05, rtol=0)
+    torch.testing.assert_close(torch.cov(s.T), mvn.covariance_matrix, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("shape", [5, (4, 3)])
+def test_sample_and_log_prob_shapes(shape):
+    flow = models.realnvp(2, layers=2, hidden=(8,))
+    expected = (shape,) if isinstance(shape, int) else shape
+    x = flow.sample(shape)
+    assert x.shape == (*expected, 2)
+    assert flow.log_prob(x).shape == expected
+    x2, lp = flow.sample_and_log_prob(shape)
+    assert x2.shape == (*expected, 2) and lp.shape == expected
+
+
+def test_sample_and_log_prob_agrees_with_log_prob():
+    torch.manual_seed(0)
+    flow = models.realnvp(3, layers=4, hidden=(16,)).double()
+    _perturb(flow, 0.3)
+    x, lp = flow.sample_and_log_prob(100)
+    torch.testing.assert_close(lp, flow.log_prob(x), atol=1e-9, rtol=1e-9)
+
+
+def test_image_flow_shapes_and_log_prob_consistency():
+    torch.manual_seed(0)
+    # alpha=None: no logit, so samples are real-valued and always in the flow's domain
+    flow = models.glow((1, 8, 8), levels=2, steps=2, hidden_channels=8, alpha=None).double()
+    flow.log_prob(torch.randn(16, 1, 8, 8, dtype=torch.float64))  # ActNorm init
+    _perturb(flow, 0.05)
+    x, lp = flow.sample_and_log_prob((2, 3))
+    assert x.shape == (2, 3, 1, 8, 8) and lp.shape == (2, 3)
+    torch.testing.assert_close(lp, flow.log_prob(x), atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("recipe", ["realnvp", "glow"])
+def test_temperature_zero_is_base_mode_mapped(recipe):
+    torch.manual_seed(0)
+    if recipe == "realnvp":
+        flow = models.realnvp(2, layers=2, hidden=(8,))
+    else:
+        flow = models.glow((1, 4, 4), levels=1, steps=1, hidden_channels=8, alpha=None)
+        flow.log_prob(torch.randn(8, 1, 4, 4))
+    _perturb(flow, 0.2)
+    with torch.no_grad():
+        s = flow.sample(4, temperature=0.0)
+        mode, _ = flow.transform.inverse(torch.zeros(1, *flow.event_shape))
+    torch.testing.assert_close(s, mode.expand_as(s))
+    # temperature scales the latent spread
+    with torch.no_grad():
+        z_cold = flow.transform(flow.sample(2000, temperature=0.5))[0]
+    assert abs(z_cold.std().item() - 0.5) < 0.05
+
+
+def test_distribution_view():
+    flow = models.realnvp(2, layers=2, hidden=(8,))
+    d = flow()
+    assert isinstance(d, Distribution)
+    assert d.event_shape == (2,) and d.batch_shape == ()
+    x = d.sample((7,))
+    assert x.shape == (7, 2) and not x.requires_grad
+    torch.testing.assert_close(d.log_prob(x), flow.log_prob(x))
+    y = d.rsample((3,))
+    y.sum().backward()
+    assert any(p.grad is not None for p in flow.parameters())
+    assert not hasattr(torch.distributions.Distribution, "flow")  # torch is not patched
+
+
+def test_context_batches_samples_over_contexts():
+    torch.manual_seed(0)
+    flow = models.realnvp(2, layers=2, hidden=(8,), context_features=3)
+    _perturb(flow, 0.3)
+    c = torch.randn(4, 3)
+    x = flow.sample(5, context=c)
+    assert x.shape == (5, 4, 2)
+    lp = flow.log_prob(x, c)
+    assert lp.shape == (5, 4)
+    d = flow(c)
+    assert d.batch_shape == (4,)
+    # the context changes the density
+    assert not torch.allclose(flow.log_prob(x[:, 0], c[0]), flow.log_prob(x[:, 0], c[1]))
+
+
+def test_diagonal_normal_base_temperature():
+    base = DiagonalNormal(3)
+    with torch.no_grad():
+        base.loc.fill_(2.0)
+        base.log_scale.fill_(math.log(3.0))
+    s = base.sample((10000,), temperature=0.5)
+    assert abs(s.mean().item() - 2.0) < 0.05 and abs(s.std().item() - 1.5) < 0.05
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: models.nice(4, layers=2, hidden=(8,)),
+        lambda: models.realnvp(4, layers=2, hidden=(8,)),
+        lambda: models.realnvp_image((1, 8, 8), levels=2, hidden_channels=4, blocks=1),
+        lambda: models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4),
+    ],
+    ids=["nice", "realnvp", "realnvp_image", "glow"],
+)
+def test_save_load_round_trip(build, tmp_path):
+    torch.manual_seed(0)
+    flow = build()
+    shape = flow.event_shape
+    x = torch.rand(6, *shape) * 0.9 + 0.05
+    flow.log_prob(x)  # ActNorm initialisation
+    _perturb(flow, 0.05)
+    path = tmp_path / "flow.safetensors"
+    pf.save(flow, path)
+    loaded = pf.load(path)
+    assert loaded.config == flow.config
+    from pushforward.transforms import ActNorm
+
+    assert all(m._initialized for m in loaded.modules() if isinstance(m, ActNorm))
+    loaded.log_prob(torch.rand(6, *shape))  # must not re-initialise
+    torch.testing.assert_close(loaded.log_prob(x), flow.log_prob(x), atol=0, rtol=0)
+
+
+def test_save_refuses_flows_without_recipe(tmp_path):
+    flow = Flow(ElementwiseAffine(2), StandardNormal(2))
+    with pytest.raises(ValueError, match="not built by a recipe"):
+        pf.save(flow, tmp_path / "f.safetensors")
+
+
+def test_load_rejects_corrupt_and_mismatched_files(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        pf.load(bad)
+    with pytest.raises(FileNotFoundError):
+        pf.load(tmp_path / "missing.safetensors")
+    flow = models.realnvp(2, layers=2, hidden=(8,))
+    path = tmp_path / "f.safetensors"
+    pf.save(flow, path)
+    import json
+
+    import safetensors.torch as st
+
+    state = st.load_file(str(path))
+    config = dict(flow.config, kwargs=dict(flow.config["kwargs"], layers=3))
+    st.save_file(state, str(path), metadata={"pushforward_config": json.dumps(config)})
+    with pytest.raises(ValueError, match="does not match"):
+        pf.load(path)
+
+
+def test_everything_follows_to():
+    flow = models.glow((1, 4, 4), levels=1, steps=1, hidden_channels=4).double()
+    assert all(t.dtype == torch.float64 for t in flow.state_dict().values() if t.is_floating_point())
+    assert flow.sample(2).dtype == torch.float64
