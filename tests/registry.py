@@ -19,6 +19,7 @@ from pushforward.transforms import (
     AdditiveKernel,
     AffineKernel,
     AlternatingMask,
+    Autoregressive,
     ChannelMask,
     CheckerboardMask,
     Coupling,
@@ -34,6 +35,7 @@ from pushforward.transforms import (
     Permutation,
     Reverse,
     Sigmoid,
+    SplineKernel,
     Squeeze,
     Tanh,
     Unsqueeze,
@@ -104,6 +106,16 @@ CASES: dict[str, Case] = {
     "affine_context": Case(lambda: Coupling(HalfMask(V), AffineKernel(), mlp_ctx), (V,), context=3),
     "inverse_coupling": Case(lambda: Inverse(Coupling(HalfMask(V), AffineKernel(), mlp)), (V,)),
     "compose": Case(lambda: Compose(ActNorm(V), LULinear(V), Coupling(HalfMask(V), AffineKernel(), mlp), Tanh()), (V,)),
+    "spline_half": Case(lambda: Coupling(HalfMask(V), SplineKernel(bins=4, bound=2.0), mlp), (V,)),
+    "spline_alternating_context": Case(
+        lambda: Coupling(AlternatingMask(V), SplineKernel(bins=5, bound=1.5), mlp_ctx), (V,), context=3
+    ),
+    # autoregressive (MAF direction, and IAF as its inverse)
+    "maf_affine": Case(lambda: Autoregressive(V, AffineKernel(), hidden=(16, 16)), (V,)),
+    "maf_additive": Case(lambda: Autoregressive(V, AdditiveKernel(), hidden=(16,)), (V,)),
+    "maf_spline": Case(lambda: Autoregressive(V, SplineKernel(bins=4, bound=2.0), hidden=(16,)), (V,)),
+    "maf_context": Case(lambda: Autoregressive(V, AffineKernel(), hidden=(16,), context_features=3), (V,), context=3),
+    "iaf_affine": Case(lambda: Inverse(Autoregressive(V, AffineKernel(), hidden=(16,))), (V,)),
     # image-shaped
     "img_leaky_relu": Case(lambda: LeakyReLU(0.3, event_dim=3), IMG),
     "img_logit": Case(lambda: Logit(0.05, event_dim=3), IMG, unit_interval=True),
@@ -117,12 +129,22 @@ CASES: dict[str, Case] = {
     "img_affine_checkerboard": Case(lambda: Coupling(CheckerboardMask(2, 4, 4), AffineKernel(), resnet), IMG),
     "img_checkerboard_flip": Case(lambda: Coupling(CheckerboardMask(2, 4, 4, flip=True), AffineKernel(), conv), IMG),
     "img_affine_context": Case(lambda: Coupling(ChannelMask(2), AffineKernel(), conv_ctx), IMG, context=3),
+    "img_spline_checkerboard": Case(
+        lambda: Coupling(CheckerboardMask(2, 4, 4), SplineKernel(bins=4, bound=2.0), conv), IMG
+    ),
+    "img_spline_channel": Case(lambda: Coupling(ChannelMask(2), SplineKernel(bins=4, bound=2.0), conv), IMG),
     "squeeze": Case(lambda: Squeeze(), IMG),
     "unsqueeze": Case(lambda: Unsqueeze(), (4, 2, 2)),
     "factor_out": Case(lambda: FactorOut(2, ElementwiseAffine(1, event_dim=3)), IMG),
     # whole recipes, as transforms
     "nice": Case(lambda: models.nice(V, layers=3, hidden=(16,)).transform, (V,)),
     "realnvp": Case(lambda: models.realnvp(V, layers=3, hidden=(16,)).transform, (V,)),
+    "maf": Case(lambda: models.maf(V, layers=2, hidden=(16,)).transform, (V,)),
+    "iaf": Case(lambda: models.iaf(V, layers=2, hidden=(16,)).transform, (V,)),
+    "nsf_coupling": Case(lambda: models.nsf(V, layers=2, hidden=(16,), bins=4, bound=2.0).transform, (V,)),
+    "nsf_autoregressive": Case(
+        lambda: models.nsf(V, layers=2, hidden=(16,), bins=4, bound=2.0, autoregressive=True).transform, (V,)
+    ),
     "realnvp_image": Case(
         lambda: models.realnvp_image((1, 4, 4), levels=2, hidden_channels=8, blocks=1).transform, (1, 4, 4),
         unit_interval=True,

@@ -17,6 +17,10 @@ RECIPES = {
     "realnvp_context": lambda: models.realnvp(2, layers=2, hidden=(8,), context_features=3),
     "realnvp_image": lambda: models.realnvp_image((1, 8, 8), levels=2, hidden_channels=4, blocks=1),
     "glow": lambda: models.glow((1, 8, 8), levels=2, steps=2, hidden_channels=4),
+    "maf": lambda: models.maf(4, layers=2, hidden=(8,)),
+    "iaf": lambda: models.iaf(4, layers=2, hidden=(8,)),
+    "nsf": lambda: models.nsf(4, layers=2, hidden=(8,)),
+    "nsf_autoregressive": lambda: models.nsf(4, layers=2, hidden=(8,), autoregressive=True),
 }
 
 

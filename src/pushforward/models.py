@@ -10,7 +10,7 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 
-from .core import Compose, Flow, Transform
+from .core import Compose, Flow, Inverse, Transform
 from .distributions import StandardNormal
 from .nn import MLP, ConvNet, ResNet
 from .transforms import (
@@ -18,6 +18,7 @@ from .transforms import (
     AdditiveKernel,
     AffineKernel,
     AlternatingMask,
+    Autoregressive,
     CheckerboardMask,
     ChannelMask,
     Coupling,
@@ -26,11 +27,13 @@ from .transforms import (
     HalfMask,
     InvertibleConv1x1,
     Logit,
+    Reverse,
+    SplineKernel,
     Squeeze,
     Unsqueeze,
 )
 
-__all__ = ["nice", "realnvp", "realnvp_image", "glow", "build", "RECIPES"]
+__all__ = ["nice", "realnvp", "realnvp_image", "glow", "maf", "iaf", "nsf", "build", "RECIPES"]
 
 RECIPES: dict[str, Callable[..., Flow]] = {}
 
@@ -174,3 +177,55 @@ def glow(shape: Sequence[int], levels: int = 2, steps: int = 4, hidden_channels:
         return ts
 
     return Flow(Compose(*_preprocess(alpha), *level(c, 0)), StandardNormal(shape))
+
+
+def _autoregressive(features, layers, kernel, hidden, context_features, inverse: bool) -> list[Transform]:
+    ts: list[Transform] = []
+    for i in range(layers):
+        if i:
+            ts.append(Reverse(features))  # each layer sees the previous one's order reversed
+        t = Autoregressive(features, kernel, tuple(hidden), context_features=context_features)
+        ts.append(Inverse(t) if inverse else t)
+    return ts
+
+
+@recipe
+def maf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), bound: float = 3.0,
+        context_features: int = 0) -> Flow:
+    """Masked autoregressive flow: affine MADE layers; density in one pass, sampling in ``D`` passes.
+
+    References:
+        Papamakarios, Pavlakou & Murray, "Masked Autoregressive Flow for Density Estimation", 2017.
+    """
+    ts = _autoregressive(features, layers, AffineKernel(bound), hidden, context_features, inverse=False)
+    return Flow(Compose(*ts), StandardNormal(features))
+
+
+@recipe
+def iaf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), bound: float = 3.0,
+        context_features: int = 0) -> Flow:
+    """Inverse autoregressive flow: MAF's layers inverted; sampling in one pass, density in ``D`` passes.
+
+    References:
+        Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow", 2016.
+    """
+    ts = _autoregressive(features, layers, AffineKernel(bound), hidden, context_features, inverse=True)
+    return Flow(Compose(*ts), StandardNormal(features))
+
+
+@recipe
+def nsf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), bins: int = 8, bound: float = 5.0,
+        autoregressive: bool = False, mask: str = "alternating", context_features: int = 0) -> Flow:
+    """Neural spline flow: rational-quadratic spline couplings (or autoregressive layers).
+
+    Coupling layers alternate their masks; autoregressive layers reverse the order between layers.
+
+    References:
+        Durkan, Bekasov, Murray & Papamakarios, "Neural Spline Flows", 2019.
+    """
+    kernel = SplineKernel(bins, bound)
+    if autoregressive:
+        ts = _autoregressive(features, layers, kernel, hidden, context_features, inverse=False)
+    else:
+        ts = _couplings(features, layers, kernel, hidden, mask, context_features)
+    return Flow(Compose(*ts), StandardNormal(features))

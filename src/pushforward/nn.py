@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "ConvNet", "ResNet"]
+__all__ = ["MLP", "ConvNet", "ResNet", "MADE"]
 
 
 def _zero(layer: nn.Module) -> nn.Module:
@@ -160,3 +160,55 @@ class ResNet(nn.Module):
                 raise ValueError("this ResNet was built for a context; got none")
             h = self.context(h, context)
         return self.head(self.act(self.blocks(h)))
+
+
+class _MaskedLinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, mask: Tensor):
+        super().__init__(in_features, out_features)
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADE(nn.Module):
+    """Masked autoencoder: output block ``j`` of feature ``i`` depends only on inputs ``< i``.
+
+    Maps ``(*, features)`` to ``(*, params * features)`` laid out as ``params`` blocks of
+    ``features`` (the layout every kernel reads). The context, if any, reaches every hidden unit.
+    The last layer is zero-initialised.
+
+    Args:
+        features: ``D``.
+        params: parameters per feature (the kernel's ``params``).
+        hidden: hidden layer sizes (each at least ``D - 1`` for full connectivity).
+        context_features: size of an optional context.
+
+    References:
+        Germain, Gregor, Murray & Larochelle, "MADE: Masked Autoencoder for Distribution Estimation", 2015.
+    """
+
+    def __init__(self, features: int, params: int, hidden: Sequence[int] = (128, 128),
+                 activation: type[nn.Module] = nn.ReLU, context_features: int = 0):
+        super().__init__()
+        self.features, self.params, self.context_features = features, params, context_features
+        degrees = [torch.arange(1, features + 1)]
+        for h in hidden:
+            degrees.append(torch.arange(h) % max(features - 1, 1) + 1)
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(degrees[:-1], degrees[1:])):
+            mask = (d_out[:, None] >= d_in[None, :]).float()
+            layers += [_MaskedLinear(len(d_in), len(d_out), mask), activation()]
+        out_degrees = torch.arange(1, features + 1).repeat(params)
+        last = _MaskedLinear(len(degrees[-1]), features * params, (out_degrees[:, None] > degrees[-1][None, :]).float())
+        layers.append(_zero(last))
+        self.net = nn.Sequential(*layers)
+        self.context = nn.Linear(context_features, hidden[0]) if context_features and hidden else None
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.context is None:
+            return self.net(x)
+        if context is None:
+            raise ValueError(f"this MADE was built for a context of {self.context_features} features; got none")
+        h = self.net[0](x) + self.context(context)
+        return self.net[1:](h)

@@ -23,9 +23,11 @@ from .linear import (
     UpperTriangular,
 )
 from .reshape import FactorOut, Squeeze, Unsqueeze
+from .splines import SplineKernel
+from .autoregressive import Autoregressive
 
 __all__ = [
-    "ActNorm", "AdditiveKernel", "AffineKernel", "AlternatingMask", "ChannelMask", "CheckerboardMask",
+    "ActNorm", "AdditiveKernel", "Autoregressive", "SplineKernel", "AffineKernel", "AlternatingMask", "ChannelMask", "CheckerboardMask",
     "Coupling", "ElementwiseAffine", "FactorOut", "HalfMask", "IndexMask", "InvertibleConv1x1",
     "LeakyReLU", "Linear", "Logit", "LowerTriangular", "LULinear", "Mask", "Permutation", "Reverse",
     "Sigmoid", "Squeeze", "Tanh", "Triangular", "Unsqueeze", "UpperTriangular",

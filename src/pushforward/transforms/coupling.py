@@ -172,7 +172,8 @@ class CheckerboardMask(Mask):
         return x * self.mask, x
 
     def merge(self, x_a: Tensor, y_b: Tensor) -> Tensor:
-        return y_b
+        # x_a = x * m exactly, so the conditioning pixels are returned bit for bit
+        return x_a + y_b * self.complement
 
     def restrict(self, params: Tensor) -> Tensor:
         return params * self.complement
