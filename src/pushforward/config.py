@@ -1,0 +1,304 @@
+"""Training configuration: one dataclass, per-dataset defaults, TOML files and ``--set`` overrides.
+
+Precedence, lowest first: the dataclass defaults, the defaults of the chosen dataset
+(:data:`DATASET_DEFAULTS`), the TOML file, then command-line overrides. A key that is not a field
+of :class:`TrainConfig` (a typo) is an error that lists the valid keys.
+
+A TOML file looks like::
+
+    data = "moons"
+    recipe = "realnvp"
+    batch_size = 512
+    epochs = 30
+
+    [model]            # keyword arguments of the recipe (features / shape come from the data)
+    layers = 8
+    hidden = [128, 128]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+
+__all__ = [
+    "DATASET_DEFAULTS",
+    "TrainConfig",
+    "config_from_dict",
+    "dataset_kind",
+    "load_toml",
+    "model_kwargs",
+    "parse_overrides",
+    "resolve_config",
+]
+
+IMAGE_DATASETS = ("digits", "fashion-mnist")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``0`` (or ``""``) means "not set" for the optional limits.
+
+    Attributes:
+        data: a toy density name (``moons``, ``8gaussians``, ...), ``digits``, ``fashion-mnist`` or a
+            path to a CSV table.
+        recipe: a recipe of :mod:`pushforward.models` (``""``: the dataset's default).
+        model: keyword arguments of the recipe; ``features`` / ``shape`` are filled in from the data.
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation and evaluation.
+        lr: peak learning rate of Adam.
+        lr_min: final learning rate of the cosine decay, as a fraction of ``lr``.
+        warmup_steps: linear warm-up from 0 to ``lr`` over this many steps.
+        weight_decay: Adam's L2 penalty.
+        epochs: number of passes over the training set (ignored when ``max_steps`` is set).
+        max_steps: total optimizer steps (``0``: ``epochs`` decides); the cosine runs over this total.
+        max_minutes: wall-clock budget of one invocation (``0``: none); the run stops cleanly at it.
+        clip: gradient-norm clipping threshold (``0``: no clipping).
+        patience: stop after this many validations without improvement (``0``: never).
+        val_every: validate every this many steps (``0``: at the end of each epoch).
+        seed: seeds the model initialisation, the data split, the shuffling and the dequantization.
+        run_dir: where checkpoints, metrics and plots go (``""``: ``runs/<data>``).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+        threads: torch CPU threads (``0``: torch's default).
+        n_train / n_val / n_test: sample counts for the 2-D toy densities.
+        val_fraction / test_fraction: split fractions for tables (and digits).
+        max_train: use at most this many training examples (``0``: all); handy for quick runs.
+        progress: show a tqdm progress bar.
+        restore_best: load the best validation weights into the flow when training ends.
+    """
+
+    data: str = "moons"
+    recipe: str = ""
+    model: dict = field(default_factory=dict)
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    lr: float = 1e-3
+    lr_min: float = 0.01
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    epochs: int = 20
+    max_steps: int = 0
+    max_minutes: float = 0.0
+    clip: float = 10.0
+    patience: int = 10
+    val_every: int = 0
+    seed: int = 0
+    run_dir: str = ""
+    device: str = "auto"
+    threads: int = 0
+    n_train: int = 20000
+    n_val: int = 5000
+    n_test: int = 5000
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_train: int = 0
+    progress: bool = True
+    restore_best: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / Path(self.data).stem
+
+
+#: Defaults per kind of dataset: training settings, the default recipe, and per-recipe model kwargs.
+#: Sized to train well on 2 CPU cores in minutes.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "toy": {
+        "train": {"batch_size": 512, "lr": 2e-3, "epochs": 30, "warmup_steps": 100, "patience": 8},
+        "recipe": "realnvp",
+        "models": {
+            "realnvp": {"layers": 8, "hidden": [64, 64]},
+            "nice": {"layers": 8, "hidden": [64, 64]},
+        },
+    },
+    "digits": {
+        "train": {"batch_size": 64, "lr": 1e-3, "epochs": 150, "warmup_steps": 200, "patience": 15},
+        "recipe": "glow",
+        "models": {
+            "glow": {"levels": 2, "steps": 4, "hidden_channels": 48},
+            "realnvp_image": {"levels": 2, "hidden_channels": 32, "blocks": 1},
+        },
+    },
+    "fashion-mnist": {
+        "train": {"batch_size": 64, "lr": 1e-3, "epochs": 10, "warmup_steps": 500, "patience": 3,
+                  "eval_batch_size": 500},
+        "recipe": "glow",
+        "models": {
+            "glow": {"levels": 2, "steps": 4, "hidden_channels": 64},
+            "realnvp_image": {"levels": 2, "hidden_channels": 64, "blocks": 2},
+        },
+    },
+    "table": {
+        "train": {"batch_size": 256, "lr": 1e-3, "epochs": 50, "warmup_steps": 200, "patience": 10},
+        "recipe": "realnvp",
+        "models": {"realnvp": {"layers": 8, "hidden": [128, 128]}, "nice": {"layers": 8, "hidden": [128, 128]}},
+    },
+}
+
+
+def dataset_kind(data: str) -> str:
+    """``"toy"``, ``"digits"``, ``"fashion-mnist"`` or ``"table"`` (a path to a CSV file)."""
+    if data in IMAGE_DATASETS:
+        return data
+    from .data.toy import TOY_DENSITIES
+
+    if data in TOY_DENSITIES:
+        return "toy"
+    if data.lower().endswith((".csv", ".tsv", ".txt", ".npy")) or Path(data).exists():
+        return "table"
+    raise ValueError(
+        f"unknown dataset {data!r}: use a toy density ({', '.join(TOY_DENSITIES)}), "
+        f"{', '.join(IMAGE_DATASETS)}, or a path to a CSV table"
+    )
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Converts ``value`` to the type of field ``name`` (TOML and ``--set`` give loosely typed values)."""
+    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "str":
+            return str(value)
+        if kind == "dict":
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {name!r} expects {kind}, got {value!r}") from None
+    return value
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Builds a :class:`TrainConfig`; unknown keys are an error that lists the valid ones."""
+    valid = _field_names()
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(map(repr, unknown))}; valid keys are: {', '.join(valid)}"
+        )
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML config file into a plain dict (keys are checked by :func:`config_from_dict`)."""
+    if tomllib is None:  # pragma: no cover
+        raise ImportError("reading TOML on Python 3.10 needs tomli: pip install tomli")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from e
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value if ``text`` parses as one (``3``, ``1e-3``, ``true``, ``[64, 64]``), else the string."""
+    if tomllib is not None:
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
+    return text
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Turns ``["lr=3e-4", "model.hidden=[64,64]"]`` into a nested dict."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        value = _parse_value(text.strip())
+        if "." in key:
+            head, sub = key.split(".", 1)
+            if head != "model":
+                raise ValueError(f"only model.<kwarg> may be dotted in --set, got {key!r}")
+            out.setdefault("model", {})[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Applies, in order: dataclass defaults, dataset defaults, the TOML values, the overrides."""
+    user = _merge(file_values or {}, overrides or {})
+    config_from_dict(user)  # reports typos before anything else
+    data = user.get("data", TrainConfig.data)
+    defaults = DATASET_DEFAULTS[dataset_kind(str(data))]
+    recipe = user.get("recipe") or defaults["recipe"]
+    values = _merge(defaults["train"], {"recipe": recipe, "model": dict(defaults["models"].get(recipe, {}))})
+    if user.get("recipe") and user["recipe"] != defaults["recipe"] and recipe not in defaults["models"]:
+        values["model"] = {}
+    return config_from_dict(_merge(values, user))
+
+
+def model_kwargs(config: TrainConfig, event_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The recipe's keyword arguments: ``config.model`` plus ``features`` or ``shape`` from the data.
+
+    Raises:
+        ValueError: for an unknown recipe or a keyword the recipe does not take (listing the valid ones).
+    """
+    from .models import RECIPES
+
+    if config.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {config.recipe!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    fn = RECIPES[config.recipe]
+    params = inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
+    kwargs = dict(config.model)
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(
+            f"recipe {config.recipe!r} has no argument(s) {', '.join(map(repr, unknown))}; "
+            f"its arguments are: {', '.join(params)}"
+        )
+    if "features" in params:
+        if len(event_shape) != 1:
+            raise ValueError(f"recipe {config.recipe!r} models vectors, but the data has event shape {event_shape}")
+        kwargs["features"] = event_shape[0]
+    elif "shape" in params:
+        if len(event_shape) != 3:
+            raise ValueError(f"recipe {config.recipe!r} models images, but the data has event shape {event_shape}")
+        kwargs["shape"] = list(event_shape)
+    return kwargs

@@ -1,0 +1,438 @@
+"""Exact maximum-likelihood training: :func:`fit` and :func:`evaluate`.
+
+``fit`` minimises the mean negative log-likelihood per dimension with Adam, a linear warm-up then
+a cosine-decaying learning rate, and gradient-norm clipping. It validates every epoch (or every
+``val_every`` steps), keeps the best validation weights (``best.safetensors``), stops early after
+``patience`` validations without improvement, appends one metrics row per validation to
+``metrics.jsonl`` / ``metrics.csv``, and writes a resumable checkpoint (see
+:mod:`pushforward.checkpoint`) after every validation, on Ctrl-C and when the time budget runs out.
+
+Reproducibility: the data order of epoch ``e`` is a permutation seeded from ``(seed, e)`` and the
+dequantization noise of each batch from ``(seed, e, batch)``, so a resumed run continues exactly
+where it stopped and ends with the same weights as an uninterrupted one.
+
+Images (``ImageData``: integer pixels with ``levels`` grey levels) are dequantized afresh for each
+epoch, ``y = (x + u) / levels``, and validated with noise from a fixed seed; their losses are also
+reported in bits/dim (:func:`pushforward.metrics.bits_per_dim`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .config import TrainConfig, config_from_dict
+from .core import Flow
+from .io import atomic_write, save
+
+__all__ = ["History", "NonFiniteLossError", "evaluate", "fit", "lr_at", "negative_log_likelihood", "resolve_device"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss (or gradient); no checkpoint was written for it."""
+
+
+@dataclass
+class History:
+    """What :func:`fit` returns: one row per validation and why training stopped.
+
+    ``stop_reason`` is ``"completed"``, ``"early_stopping"``, ``"time"`` or ``"interrupted"``.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = ""
+    step: int = 0
+    best_val_nll: float | None = None
+    best_step: int | None = None
+    run_dir: Path | None = None
+
+
+def seed_from(*parts: int) -> int:
+    """A well-mixed 32-bit seed from integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine to ``lr * lr_min``."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    floor = config.lr * config.lr_min
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# -- data ----------------------------------------------------------------------------------------
+class _Data:
+    """Continuous vectors (a float tensor) or quantized images (``.images`` uint8 and ``.levels``)."""
+
+    def __init__(self, data: Any):
+        if hasattr(data, "images") and hasattr(data, "levels"):
+            self.images: Tensor | None = torch.as_tensor(data.images)
+            self.levels: int | None = int(data.levels)
+            self.x = None
+            tensor = self.images
+        elif isinstance(data, Tensor) and data.is_floating_point():
+            self.images, self.levels, self.x = None, None, data
+            tensor = data
+        else:
+            raise TypeError(
+                "training data must be a float tensor of shape (N, *event_shape) or an ImageData "
+                f"(integer images with levels), got {type(data).__name__}"
+            )
+        if tensor.dim() < 2 or len(tensor) == 0:
+            raise ValueError(f"training data needs shape (N, *event_shape) with N > 0, got {tuple(tensor.shape)}")
+        self.n = len(tensor)
+        self.event_shape = tuple(tensor.shape[1:])
+        self.dims = math.prod(self.event_shape)
+
+    def get(self, index: Tensor | slice, seed: int, dtype: torch.dtype) -> Tensor:
+        """The examples at ``index``; images are dequantized with noise seeded by ``seed``."""
+        if self.images is None:
+            return self.x[index].to(dtype)
+        from .data import dequantize
+
+        g = torch.Generator().manual_seed(seed)
+        return dequantize(self.images[index], self.levels, generator=g).to(dtype)
+
+    def fixed(self, seed: int, dtype: torch.dtype) -> Tensor:
+        return self.get(slice(None), seed, dtype)
+
+    def bits_per_dim(self, nll: float) -> float | None:
+        if self.levels is None:
+            return None
+        from .metrics import bits_per_dim
+
+        return float(bits_per_dim(nll, self.dims, self.levels))
+
+
+def negative_log_likelihood(flow: Flow, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """Per-example NLL in nats (float64, on the CPU), evaluated in batches without gradients."""
+    was_training = flow.training
+    flow.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(-flow.log_prob(x[i : i + batch_size].to(device)).double().cpu())
+    flow.train(was_training)
+    return torch.cat(out)
+
+
+def evaluate(flow: Flow, data: Any, batch_size: int = 1024, seed: int = 0, device: str = "auto",
+             reconstruction: bool = True) -> dict[str, Any]:
+    """Test NLL (nats) with its standard error, bits/dim for images, and the reconstruction error.
+
+    Images are dequantized once with noise seeded by ``seed``. ``max_reconstruction_error`` is
+    ``max |f^-1(f(x)) - x|`` over the whole set.
+    """
+    from .metrics import mean_and_stderr
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    flow.to(dev)
+    d = _Data(data)
+    dtype = flow._dtype()
+    x = d.fixed(seed_from(seed, 2), dtype)
+    nll = negative_log_likelihood(flow, x, batch_size, dev)
+    mean, stderr = mean_and_stderr(nll)
+    out: dict[str, Any] = {"n": d.n, "dims": d.dims, "nll": float(mean), "nll_stderr": float(stderr)}
+    if d.levels is not None:
+        bpd = (nll / d.dims + math.log(d.levels)) / math.log(2)  # per example, same formula as bits_per_dim
+        out["bpd"] = float(d.bits_per_dim(float(mean)))
+        out["bpd_stderr"] = float(mean_and_stderr(bpd)[1])
+        out["levels"] = d.levels
+    if reconstruction:
+        err = 0.0
+        flow.eval()
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                xb = x[i : i + batch_size].to(dev)
+                z, _ = flow.transform(xb)
+                back, _ = flow.transform.inverse(z)
+                err = max(err, float((back - xb).abs().max()))
+        out["max_reconstruction_error"] = err
+    out["finite"] = all(math.isfinite(v) for v in out.values() if isinstance(v, float))
+    return out
+
+
+# -- run-directory files ----------------------------------------------------------------------------
+def _write_metrics(run_dir: Path, rows: list[dict], append: dict | None) -> None:
+    if append is not None:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(append) + "\n")
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: KeyboardInterrupt at once."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.requested = False
+        self.say = say
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, *,
+        run_dir: str | Path | None = None, resume: bool = False,
+        callback: Callable[[int, float, Flow], None] | None = None) -> History:
+    """Trains ``flow`` by exact maximum likelihood; see the module docstring.
+
+    Args:
+        flow: a recipe-built flow (``flow.config`` set, so checkpoints can record it).
+        train_data, val_data: float tensors ``(N, *event_shape)`` or ``ImageData``.
+        config: a :class:`~pushforward.config.TrainConfig` (or a dict of its fields).
+        run_dir: where files go; default ``config.run_dir``; ``""``/``None`` with an empty
+            ``config.run_dir``: nothing is written (no checkpoints, no resume).
+        resume: continue from ``run_dir/checkpoint`` (same data and batch size required).
+        callback: ``callback(step, loss, flow)`` after every optimizer step; raising
+            ``KeyboardInterrupt`` there acts like Ctrl-C.
+
+    Returns:
+        The :class:`History`. ``flow`` holds the best validation weights if ``config.restore_best``.
+
+    Raises:
+        NonFiniteLossError: a NaN/Inf loss or gradient; the message names the step. No checkpoint
+            is written for it, so the last good one stays untouched.
+    """
+    config = config_from_dict(config) if isinstance(config, dict) else config
+    from tqdm.auto import tqdm
+
+    out = Path(run_dir) if run_dir else (Path(config.run_dir) if config.run_dir else None)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    flow.to(device)
+    dtype = flow._dtype()
+    train, val = _Data(train_data), _Data(val_data)
+    bs = min(config.batch_size, train.n)
+    steps_per_epoch = max(1, train.n // bs)
+    total = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
+    params = [p for p in flow.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    x_val = val.fixed(seed_from(config.seed, 1), dtype)
+
+    hist = History(run_dir=out)
+    step, bad, best_state = 0, 0, None
+    acc = {"nll_sum": 0.0, "count": 0, "gnorm_sum": 0.0, "steps": 0}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        has_ckpt = (checkpoint_dir(out) / "state.json").exists()
+        if resume:
+            if not has_ckpt:
+                raise FileNotFoundError(f"cannot resume: no checkpoint in {out}")
+            record = load_checkpoint(out, flow, optimizer)
+            if record["steps_per_epoch"] != steps_per_epoch:
+                raise ValueError(
+                    f"cannot resume {out}: it ran {record['steps_per_epoch']} steps per epoch, this run "
+                    f"has {steps_per_epoch}; keep the data and batch_size of the original run"
+                )
+            step, bad, acc = record["step"], record["bad_validations"], record["accum"]
+            hist.rows, hist.best_val_nll, hist.best_step = record["history"], record["best_val_nll"], record["best_step"]
+            _write_metrics(out, hist.rows, None)
+            if (out / "best.safetensors").exists():
+                from .io import load
+
+                best_state = load(out / "best.safetensors").state_dict()
+        else:
+            if has_ckpt:
+                raise FileExistsError(
+                    f"{out} already holds a checkpoint; resume it (resume=True, --resume) or use another run_dir"
+                )
+            for name in ("metrics.jsonl", "metrics.csv", "best.safetensors"):
+                (out / name).unlink(missing_ok=True)
+        text = json.dumps({"train": config.to_dict(), "flow": flow.config}, indent=1)
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    elif resume:
+        raise ValueError("resume needs a run_dir")
+    if not resume:
+        torch.manual_seed(config.seed)
+
+    def state() -> dict[str, Any]:
+        return {
+            "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total, "bad_validations": bad, "accum": acc, "history": hist.rows,
+            "best_val_nll": hist.best_val_nll, "best_step": hist.best_step, "train_config": config.to_dict(),
+            "scheduler": {"kind": "warmup_cosine", "lr": config.lr, "lr_min": config.lr_min,
+                          "warmup_steps": config.warmup_steps, "total_steps": total,
+                          "last_lr": optimizer.param_groups[0]["lr"]},
+        }
+
+    def checkpoint() -> None:
+        if out is not None:
+            save_checkpoint(out, flow, optimizer, state())
+
+    def validate() -> dict[str, Any]:
+        nonlocal bad, best_state, acc
+        nll = float(negative_log_likelihood(flow, x_val, config.eval_batch_size, device).mean())
+        if not math.isfinite(nll):
+            raise NonFiniteLossError(
+                f"validation NLL is {nll} after step {step}; stopped without saving"
+                + (f" (the last good checkpoint in {out} is untouched)" if out else "")
+            )
+        row: dict[str, Any] = {"step": step, "epoch": round(step / steps_per_epoch, 4)}
+        row["train_nll"] = acc["nll_sum"] / max(1, acc["count"])
+        row["val_nll"] = nll
+        if val.levels is not None:
+            row["train_bpd"] = train.bits_per_dim(row["train_nll"])
+            row["val_bpd"] = val.bits_per_dim(nll)
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["grad_norm"] = acc["gnorm_sum"] / max(1, acc["steps"])
+        row["elapsed_s"] = round(time.monotonic() - t0, 3)
+        row["samples_per_s"] = round(acc["count"] / max(1e-9, time.monotonic() - t_window), 1)
+        improved = hist.best_val_nll is None or nll < hist.best_val_nll
+        row["best"] = improved
+        if improved:
+            hist.best_val_nll, hist.best_step, bad = nll, step, 0
+            best_state = {k: v.detach().clone().cpu() for k, v in flow.state_dict().items()}
+            if out is not None:
+                save(flow, out / "best.safetensors")
+        else:
+            bad += 1
+        hist.rows.append(row)
+        acc = {"nll_sum": 0.0, "count": 0, "gnorm_sum": 0.0, "steps": 0}
+        if out is not None:
+            _write_metrics(out, hist.rows, row)
+        return row
+
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not config.progress, mininterval=0.5,
+               desc=f"train {config.data}", leave=True)
+    t0 = t_window = time.monotonic()
+    perm, perm_epoch, updating, last_val_step = None, -1, False, (hist.rows[-1]["step"] if hist.rows else -1)
+    window = [time.monotonic(), 0]
+    reason = ""
+    flow.train()
+    try:
+        with _Interrupt(bar.write) as interrupt:
+            while True:
+                if step >= total:
+                    reason = "completed"
+                    break
+                epoch, pos = divmod(step, steps_per_epoch)
+                if perm_epoch != epoch:
+                    g = torch.Generator().manual_seed(seed_from(config.seed, 0, epoch))
+                    perm, perm_epoch = torch.randperm(train.n, generator=g), epoch
+                idx = perm[pos * bs : (pos + 1) * bs]
+                x = train.get(idx, seed_from(config.seed, 3, epoch, pos), dtype).to(device)
+                nll = -flow.log_prob(x)
+                loss = nll.mean() / train.dims
+                if not bool(torch.isfinite(loss)):
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({loss.item()}) at step {step + 1} (epoch {epoch}); "
+                        "stopped without saving" + (f", the last good checkpoint in {out} is untouched" if out else "")
+                        + "; try a lower lr or a smaller clip"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.clip > 0:
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, config.clip)
+                else:
+                    gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                if not bool(torch.isfinite(gnorm)):
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm at step {step + 1} (epoch {epoch}); stopped without saving"
+                        + (f", the last good checkpoint in {out} is untouched" if out else "")
+                    )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, config, total)
+                updating = True
+                optimizer.step()
+                step += 1
+                updating = False
+                nll = nll.detach()
+                acc["nll_sum"] += float(nll.sum())
+                acc["count"] += len(x)
+                acc["gnorm_sum"] += float(gnorm)
+                acc["steps"] += 1
+                window[1] += len(x)
+                bar.update(1)
+                if step % 10 == 0 or step == total:
+                    now = time.monotonic()
+                    post = {"nll": f"{float(nll.mean()):.3f}"}
+                    if train.levels is not None:
+                        post["bpd"] = f"{train.bits_per_dim(float(nll.mean())):.3f}"
+                    post["samples/s"] = f"{window[1] / max(1e-9, now - window[0]):.0f}"
+                    if hist.best_val_nll is not None:
+                        post["best_val"] = f"{hist.best_val_nll:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    window[:] = [now, 0]
+                if callback is not None:
+                    callback(step, float(loss.detach()), flow)
+                end_epoch = step % steps_per_epoch == 0
+                due = step % config.val_every == 0 if config.val_every > 0 else end_epoch
+                if due or step == total:
+                    row = validate()
+                    last_val_step = step
+                    t_window = time.monotonic()
+                    checkpoint()
+                    msg = f"step {step}: val NLL {row['val_nll']:.4f}"
+                    if "val_bpd" in row:
+                        msg += f" ({row['val_bpd']:.4f} bits/dim)"
+                    bar.write(msg + (" *" if row["best"] else ""))
+                    if config.patience > 0 and bad >= config.patience:
+                        reason = "early_stopping"
+                        break
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+                if config.max_minutes > 0 and time.monotonic() - t0 > 60 * config.max_minutes:
+                    if last_val_step != step:
+                        validate()
+                        last_val_step = step
+                    checkpoint()
+                    reason = "time"
+                    break
+    except KeyboardInterrupt:
+        reason = "interrupted"
+        if updating:
+            bar.write(f"interrupted inside an optimizer step; no checkpoint written at step {step}")
+        else:
+            checkpoint()
+    finally:
+        bar.close()
+    hist.stop_reason, hist.step = reason, step
+    if config.restore_best and best_state is not None:
+        flow.load_state_dict({k: v.to(device) for k, v in best_state.items()})
+    flow.eval()
+    return hist
