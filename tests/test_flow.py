@@ -207,3 +207,38 @@ def test_everything_follows_to():
     flow = models.glow((1, 4, 4), levels=1, steps=1, hidden_channels=4).double()
     assert all(t.dtype == torch.float64 for t in flow.state_dict().values() if t.is_floating_point())
     assert flow.sample(2).dtype == torch.float64
+
+
+def test_gaussian_mixture_base_is_normalised_and_samples_match():
+    from pushforward.distributions import GaussianMixture
+
+    torch.manual_seed(0)
+    base = GaussianMixture(2, components=3, spread=2.0).double()
+    with torch.no_grad():
+        base.logits.copy_(torch.tensor([0.0, 1.0, -1.0]))
+        base.log_scale.add_(0.3 * torch.randn_like(base.log_scale))
+    g = torch.linspace(-10, 10, 500, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    mass = base.log_prob(grid).exp().sum() * (g[1] - g[0]) ** 2
+    assert abs(mass.item() - 1) < 1e-3
+    s = base.sample((100_000,))
+    weights = torch.softmax(base.logits, -1)
+    torch.testing.assert_close(s.mean(0), (weights[:, None] * base.loc).sum(0).detach(), atol=0.03, rtol=0)
+    flow = Flow(models.realnvp(2, layers=2, hidden=(8,)).transform.double(), base)
+    x, lp = flow.sample_and_log_prob(50)
+    torch.testing.assert_close(lp, flow.log_prob(x))
+
+
+def test_glow_split_prior_is_a_coupling_on_the_factored_half():
+    from pushforward.transforms import Coupling, FactorOut
+
+    flow = models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4)
+    layers = list(flow.transform.transforms)
+    i = next(i for i, t in enumerate(layers) if isinstance(t, FactorOut))
+    prior = layers[i - 1]
+    assert isinstance(prior, Coupling)
+    assert prior.mask.out_features == layers[i].factored
+    assert not any(isinstance(t, Coupling) and t is not prior for t in layers[i - 1:i])
+    no_prior = models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4, split_prior=False)
+    assert sum(isinstance(m, Coupling) for m in no_prior.modules()) + 1 == sum(
+        isinstance(m, Coupling) for m in flow.modules())

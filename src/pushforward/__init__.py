@@ -5,12 +5,12 @@
 
 from . import distributions, models, nn, transforms
 from .core import Compose, Flow, FlowDistribution, Inverse, Transform
-from .distributions import DiagonalNormal, StandardNormal
+from .distributions import DiagonalNormal, GaussianMixture, StandardNormal
 from .io import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Compose", "DiagonalNormal", "Flow", "FlowDistribution", "Inverse", "StandardNormal", "Transform",
+    "Compose", "DiagonalNormal", "Flow", "GaussianMixture", "FlowDistribution", "Inverse", "StandardNormal", "Transform",
     "distributions", "load", "models", "nn", "save", "transforms",
 ]

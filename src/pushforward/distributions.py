@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .core import sum_event
 
-__all__ = ["StandardNormal", "DiagonalNormal"]
+__all__ = ["StandardNormal", "DiagonalNormal", "GaussianMixture"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -66,3 +66,36 @@ class DiagonalNormal(nn.Module):
 
     def extra_repr(self) -> str:
         return f"event_shape={tuple(self.event_shape)}"
+
+
+class GaussianMixture(nn.Module):
+    """A learned mixture of ``components`` diagonal normals over events of shape ``event_shape``.
+
+    Initialised with means spread by ``N(0, spread^2)``, unit scales and equal weights.
+    ``temperature`` scales each component's spread around its mean.
+    """
+
+    def __init__(self, event_shape: int | Sequence[int], components: int = 8, spread: float = 1.0):
+        super().__init__()
+        self.event_shape = _shape(event_shape)
+        self.components = components
+        self.logits = nn.Parameter(torch.zeros(components))
+        self.loc = nn.Parameter(spread * torch.randn(components, *self.event_shape))
+        self.log_scale = nn.Parameter(torch.zeros(components, *self.event_shape))
+
+    def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        nd = len(self.event_shape)
+        e = (z.unsqueeze(-nd - 1) - self.loc) * torch.exp(-self.log_scale)  # (*batch, K, *event)
+        per = -0.5 * sum_event(e.square(), nd) - sum_event(self.log_scale, nd)
+        per = per - 0.5 * math.prod(self.event_shape) * _LOG_2PI
+        return torch.logsumexp(per + torch.log_softmax(self.logits, -1), dim=-1)
+
+    def sample(self, shape: Sequence[int], context: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+        n = math.prod(shape)
+        k = torch.multinomial(torch.softmax(self.logits, -1), n, replacement=True)
+        eps = torch.randn(n, *self.event_shape, dtype=self.loc.dtype, device=self.loc.device)
+        z = self.loc[k] + temperature * eps * self.log_scale[k].exp()
+        return z.reshape(*shape, *self.event_shape)
+
+    def extra_repr(self) -> str:
+        return f"event_shape={tuple(self.event_shape)}, components={self.components}"

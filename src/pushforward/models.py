@@ -154,9 +154,14 @@ def realnvp_image(shape: Sequence[int], levels: int = 2, hidden_channels: int = 
 
 @recipe
 def glow(shape: Sequence[int], levels: int = 2, steps: int = 4, hidden_channels: int = 64,
-         alpha: float | None = 0.05, bound: float = 3.0, context_features: int = 0) -> Flow:
+         alpha: float | None = 0.05, bound: float = 3.0, split_prior: bool = True,
+         context_features: int = 0) -> Flow:
     """Glow: per level, squeeze then ``steps`` x (ActNorm, invertible 1x1 conv, affine coupling),
     then factor out half the channels (all levels but the last).
+
+    ``split_prior`` learns Glow's prior ``p(z2 | z1) = N(mu(z1), sigma(z1))`` on each factored-out
+    half. With one latent tensor this is exactly an affine coupling whose transformed half is the
+    factored-out one: ``e2 = (z2 - mu(z1)) / sigma(z1)`` is then standard normal.
 
     References:
         Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
@@ -172,6 +177,8 @@ def glow(shape: Sequence[int], levels: int = 2, steps: int = 4, hidden_channels:
             ts += [ActNorm(c, event_dim=3), InvertibleConv1x1(c), Coupling(ChannelMask(c), kernel, net)]
         if level_ < levels - 1:
             kept = c - c // 2
+            if split_prior:
+                ts.append(Coupling(ChannelMask(c), kernel, net))  # conditions on kept, transforms factored
             ts.append(FactorOut(c, Compose(*level(kept, level_ + 1))))
         ts.append(Unsqueeze())
         return ts

@@ -123,10 +123,13 @@ class IndexMask(Mask):
 
 
 class HalfMask(IndexMask):
-    """The first half conditions the second (``flip=True``: the other way round); vectors."""
+    """The first half (rounded up) conditions the rest (``flip=True``: the other way round).
+
+    The rounding matches :class:`~pushforward.transforms.FactorOut`, which keeps the first half.
+    """
 
     def __init__(self, features: int, flip: bool = False, event_dim: int = 1):
-        half = features // 2
+        half = features - features // 2
         cond = list(range(half, features)) if flip else list(range(half))
         super().__init__(features, cond, event_dim)
 
