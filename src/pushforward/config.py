@@ -159,11 +159,11 @@ def dataset_kind(data: str) -> str:
 
     if data in TOY_DENSITIES:
         return "toy"
-    if data.lower().endswith((".csv", ".tsv", ".txt", ".npy")) or Path(data).exists():
+    if data.lower().endswith((".csv", ".tsv", ".txt", ".npy", ".npz")) or Path(data).exists():
         return "table"
     raise ValueError(
         f"unknown dataset {data!r}: use a toy density ({', '.join(TOY_DENSITIES)}), "
-        f"{', '.join(IMAGE_DATASETS)}, or a path to a CSV table"
+        f"{', '.join(IMAGE_DATASETS)}, or a path to a table (.csv, .npy, .npz)"
     )
 
 

@@ -1,0 +1,5 @@
+"""``python -m pushforward ...`` runs the command line (see :mod:`pushforward.cli`)."""
+
+from .cli import main
+
+raise SystemExit(main())
