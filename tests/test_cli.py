@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 TINY_2D = ["--data", "moons", "--no-progress", "--set", "n_train=1000", "--set", "n_val=200", "--set", "n_test=300",
            "--set", "model.layers=2", "--set", "model.hidden=[16,16]", "--set", "batch_size=100",
            "--set", "warmup_steps=5"]
-TINY_DIGITS = ["--data", "digits", "--no-progress", "--set", "model.steps=1", "--set", "model.hidden_channels=8",
+TINY_DIGITS = ["--data", "digits", "--no-progress", "--set", "model.hidden_channels=8",
                "--set", "batch_size=32", "--set", "warmup_steps=2", "--set", "max_train=256"]
 
 
@@ -96,3 +96,22 @@ def test_eval_of_a_corrupted_run_is_an_error(tmp_path, capsys):
 def test_python_dash_m_entry_point(argv):
     out = subprocess.run([sys.executable, "-m", "pushforward", *argv], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and "pushforward" in out.stdout
+
+
+def test_table_from_a_csv_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(600, 3, generator=g)
+    x = z @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 1.0]]) * 10 + 100
+    csv = tmp_path / "table.csv"
+    csv.write_text("a,b,c\n" + "\n".join(",".join(f"{v:.5f}" for v in row) for row in x.tolist()))
+    run = tmp_path / "table"
+    assert main(["train", "--data", str(csv), "--run-dir", str(run), "--max-steps", "10", "--no-progress",
+                 "--set", "model.hidden=[8]", "--set", "model.layers=2"]) == 0
+    assert main(["eval", str(run)]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["n"] == 60 and result["dims"] == 3 and result["space"] == "standardised"
+    assert main(["sample", str(run), "--n", "50"]) == 0
+    samples = (run / "samples.csv").read_text().splitlines()
+    assert len(samples) == 51 and png(run / "samples.png")
+    # samples are returned in the original units, not the standardised space
+    assert 50 < sum(float(r.split(",")[0]) for r in samples[1:]) / 50 < 150

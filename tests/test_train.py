@@ -201,12 +201,54 @@ def test_config_typo_lists_the_valid_keys():
 
 def test_config_layers_and_overrides(tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('data = "digits"\nlr = 3e-4\n[model]\nhidden_channels = 16\n')
+    toml.write_text('data = "digits"\nrecipe = "glow"\nlr = 3e-4\n[model]\nhidden_channels = 16\n')
     from pushforward.config import load_toml
 
     c = resolve_config(load_toml(toml), parse_overrides(["epochs=2", "model.steps=2", "progress=false"]))
     assert (c.data, c.recipe, c.lr, c.epochs, c.progress) == ("digits", "glow", 3e-4, 2, False)
     assert c.model == {"levels": 2, "steps": 2, "hidden_channels": 16}
+    assert resolve_config({"data": "digits"}).model == {"levels": 2, "hidden_channels": 32, "blocks": 1}
     c = resolve_config({}, parse_overrides(["data=8gaussians", "recipe=nice"]))
     assert c.recipe == "nice" and c.batch_size == 512
     assert math.isclose(resolve_config({}, {}).lr, 2e-3)
+
+
+def test_resume_equals_uninterrupted_for_images(tmp_path):
+    """Glow on dequantized digits: ActNorm's data-dependent init and the per-batch noise resume exactly."""
+    from pushforward.data import load_digits
+
+    data = load_digits("train").subset(torch.arange(256))
+    val = load_digits("val")
+
+    def glow():
+        torch.manual_seed(0)
+        return models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4)
+
+    def config(name):
+        return small_config(tmp_path / name, data="digits", batch_size=32, max_steps=12, val_every=0)
+
+    fit(glow(), data, val, config("a"))
+
+    def stop(step, loss, flow):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    assert fit(glow(), data, val, config("b"), callback=stop).step == 5
+    h = fit(glow(), data, val, config("b"), resume=True)
+    assert h.step == 12 and "val_bpd" in h.rows[-1]
+    wa, wb = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_crash_between_the_renames_falls_back_to_the_previous_checkpoint(tmp_path, moons):
+    train, val, _ = moons
+    config = small_config(tmp_path, max_steps=40)
+    fit(small_flow(), train, val, config)
+    run = tmp_path / "run"
+    (run / "checkpoint").rename(run / ".checkpoint-old")  # the state right after the first rename
+    (run / ".checkpoint-tmp-dead").mkdir()  # and a half-written directory of a killed process
+    assert read_state(run)["step"] == 40
+    h = fit(small_flow(), train, val, small_config(tmp_path, max_steps=60), resume=True)
+    assert h.step == 60 and read_state(run)["step"] == 60
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith((".", "check"))) == ["checkpoint"]

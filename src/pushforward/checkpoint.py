@@ -147,12 +147,14 @@ def save_checkpoint(run_dir: str | os.PathLike, flow, optimizer: torch.optim.Opt
             f.flush()
             os.fsync(f.fileno())
         final, old = run_dir / CHECKPOINT, run_dir / _OLD
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
+        if final.exists():  # else `old` may be the only good checkpoint (a crash hit mid-swap): keep it
+            if old.exists():
+                shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        for stale in run_dir.glob(".checkpoint-tmp-*"):  # left by a process killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
         try:  # make the renames durable
             fd = os.open(run_dir, os.O_RDONLY)
             os.fsync(fd)

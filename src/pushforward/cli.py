@@ -243,6 +243,8 @@ def calibrate_steps(config, minutes: float, trial_steps: int = 15) -> int:
     from .experiment import build_flow, load_dataset
     from .train import _Data, seed_from
 
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     ds = load_dataset(config)
     flow = build_flow(config, ds)
     data = _Data(ds.train)
