@@ -80,6 +80,8 @@ class ConvNet(nn.Module):
         out_channels: output channels.
         hidden_channels: width of the hidden layers.
         context_features: size of an optional context vector, added as a per-channel bias.
+        context_channels: channels of an optional context *image* ``(*, Cc, H, W)`` of the input's
+            size, concatenated to the input (e.g. the pixels a dequantizer conditions on).
 
     References:
         Kingma & Dhariwal, "Glow", 2018, section 3.3.
@@ -92,15 +94,23 @@ class ConvNet(nn.Module):
         hidden_channels: int = 64,
         activation: type[nn.Module] = nn.ReLU,
         context_features: int = 0,
+        context_channels: int = 0,
     ):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
+        if context_features and context_channels:
+            raise ValueError("ConvNet takes a context vector or a context image, not both")
+        self.context_channels = context_channels
+        self.conv1 = nn.Conv2d(in_channels + context_channels, hidden_channels, 3, padding=1)
         self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 1)
         self.conv3 = _zero(nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
         self.act = activation()
         self.context = _ContextBias(context_features, hidden_channels) if context_features else None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.context_channels:
+            if context is None:
+                raise ValueError(f"this ConvNet was built for a {self.context_channels}-channel context image; got none")
+            x = torch.cat([x, context], dim=-3)
         h = self.conv1(x)
         if self.context is not None:
             if context is None:
