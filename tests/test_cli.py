@@ -115,3 +115,17 @@ def test_table_from_a_csv_file(tmp_path):
     assert len(samples) == 51 and png(run / "samples.png")
     # samples are returned in the original units, not the standardised space
     assert 50 < sum(float(r.split(",")[0]) for r in samples[1:]) / 50 < 150
+
+
+@pytest.mark.parametrize("name", ["moons", "digits", "fashion-mnist"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    from pushforward.config import DATASET_DEFAULTS, dataset_kind, load_toml, model_kwargs, resolve_config
+
+    path = Path(__file__).parents[1] / "configs" / f"{name}.toml"
+    config = resolve_config(load_toml(path))
+    defaults = DATASET_DEFAULTS[dataset_kind(config.data)]
+    assert config.recipe == defaults["recipe"] and config.model == defaults["models"][config.recipe]
+    shape = (2,) if name == "moons" else (1, 8, 8) if name == "digits" else (1, 28, 28)
+    model_kwargs(config, shape)  # the recipe accepts every key

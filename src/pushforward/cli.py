@@ -357,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_plot)
 
     d = sub.add_parser("demo", help="train, evaluate and plot a 2-D density and a digits model end to end")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.add_argument("--minutes", type=float, default=3.0, help="total training time")
     d.add_argument("--density", default="moons", help="2-D toy density")
     d.add_argument("--images", default="digits", help="image data set ('' to skip)")

@@ -321,7 +321,7 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["grad_norm"] = acc["gnorm_sum"] / max(1, acc["steps"])
         row["elapsed_s"] = round(time.monotonic() - t0, 3)
-        row["samples_per_s"] = round(acc["count"] / max(1e-9, time.monotonic() - t_window), 1)
+        row["samples_per_s"] = round(since_val[1] / max(1e-9, time.monotonic() - since_val[0]), 1)
         improved = hist.best_val_nll is None or nll < hist.best_val_nll
         row["best"] = improved
         if improved:
@@ -339,7 +339,8 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
 
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not config.progress, mininterval=0.5,
                desc=f"train {config.data}", leave=True)
-    t0 = t_window = time.monotonic()
+    t0 = time.monotonic()
+    since_val = [t0, 0]  # throughput since the last validation (this invocation only)
     perm, perm_epoch, updating, last_val_step = None, -1, False, (hist.rows[-1]["step"] if hist.rows else -1)
     window = [time.monotonic(), 0]
     reason = ""
@@ -387,6 +388,7 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                 acc["gnorm_sum"] += float(gnorm)
                 acc["steps"] += 1
                 window[1] += len(x)
+                since_val[1] += len(x)
                 bar.update(1)
                 if step % 10 == 0 or step == total:
                     now = time.monotonic()
@@ -405,7 +407,7 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                 if due or step == total:
                     row = validate()
                     last_val_step = step
-                    t_window = time.monotonic()
+                    since_val[:] = [time.monotonic(), 0]
                     checkpoint()
                     msg = f"step {step}: val NLL {row['val_nll']:.4f}"
                     if "val_bpd" in row:
