@@ -261,7 +261,7 @@ def calibrate_steps(config, minutes: float, trial_steps: int = 15) -> int:
         loss.backward()
         opt.step()
     per_step = (time.monotonic() - start) / trial_steps
-    per_step *= 1.15  # validation and checkpoints
+    per_step *= 1.05  # validation and checkpoints
     return max(50, int(60 * minutes / per_step))
 
 
@@ -277,7 +277,7 @@ def demo(out: str | Path = "runs/demo", minutes: float = 3.0, density: str = "mo
         run_dir = out / data
         _clear_run(run_dir)
         config = resolve_config({}, {"data": data, "run_dir": str(run_dir)})
-        config.max_steps = calibrate_steps(config, budget * 0.85)
+        config.max_steps = calibrate_steps(config, budget * 0.9)
         config.max_minutes = budget
         config.patience = 0
         config.val_every = max(1, config.max_steps // 20)

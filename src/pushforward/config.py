@@ -64,7 +64,10 @@ class TrainConfig:
         weight_decay: Adam's L2 penalty.
         epochs: number of passes over the training set (ignored when ``max_steps`` is set).
         max_steps: total optimizer steps (``0``: ``epochs`` decides); the cosine runs over this total.
-        max_minutes: wall-clock budget of one invocation (``0``: none); the run stops cleanly at it.
+        max_minutes: wall-clock budget of one invocation (``0``: none); the run validates, saves and
+            stops cleanly at it. The learning-rate schedule still follows ``epochs`` / ``max_steps``,
+            so for a cosine that ends on time choose ``max_steps`` to fit (``pushforward demo`` times
+            a few steps to do so).
         clip: gradient-norm clipping threshold (``0``: no clipping).
         patience: stop after this many validations without improvement (``0``: never).
         val_every: validate every this many steps (``0``: at the end of each epoch).

@@ -397,7 +397,8 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                         post["bpd"] = f"{train.bits_per_dim(float(nll.mean())):.3f}"
                     post["samples/s"] = f"{window[1] / max(1e-9, now - window[0]):.0f}"
                     if hist.best_val_nll is not None:
-                        post["best_val"] = f"{hist.best_val_nll:.3f}"
+                        best = val.bits_per_dim(hist.best_val_nll) if val.levels else hist.best_val_nll
+                        post["best_val"] = f"{best:.3f}"
                     bar.set_postfix(post, refresh=False)
                     window[:] = [now, 0]
                 if callback is not None:
