@@ -85,11 +85,20 @@ def load_dataset(config: TrainConfig) -> Dataset:
 
 
 def build_flow(config: TrainConfig, dataset: Dataset) -> Flow:
-    """Builds the configured recipe for ``dataset`` with ``torch.manual_seed(config.seed)`` first."""
+    """Builds the configured recipe for ``dataset`` with ``torch.manual_seed(config.seed)`` first.
+
+    ``config.dequantization = "variational"`` wraps it in :func:`pushforward.models.dequantized`
+    (keyword arguments ``config.dequantizer``), so the dequantizer is saved and rebuilt with the flow.
+    """
     from .models import build
 
     torch.manual_seed(config.seed)
-    return build({"recipe": config.recipe, "kwargs": model_kwargs(config, dataset.event_shape)})
+    spec = {"recipe": config.recipe, "kwargs": model_kwargs(config, dataset.event_shape)}
+    if config.dequantization == "variational":
+        if not dataset.is_image:
+            raise ValueError(f"dequantization = 'variational' is for discrete images; {dataset.name} is not one")
+        spec = {"recipe": "dequantized", "kwargs": {"flow": spec, "levels": dataset.levels, **config.dequantizer}}
+    return build(spec)
 
 
 @dataclass

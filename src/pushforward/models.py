@@ -33,7 +33,7 @@ from .transforms import (
     Unsqueeze,
 )
 
-__all__ = ["nice", "realnvp", "realnvp_image", "glow", "maf", "iaf", "nsf", "build", "RECIPES"]
+__all__ = ["nice", "realnvp", "realnvp_image", "glow", "maf", "iaf", "nsf", "dequantized", "build", "RECIPES"]
 
 RECIPES: dict[str, Callable[..., Flow]] = {}
 
@@ -236,3 +236,27 @@ def nsf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), bins
     else:
         ts = _couplings(features, layers, kernel, hidden, mask, context_features)
     return Flow(Compose(*ts), StandardNormal(features))
+
+
+@recipe
+def dequantized(flow: dict, levels: int, layers: int = 4, hidden_channels: int = 32) -> Flow:
+    """The image flow ``flow`` (a ``flow.config`` dict) with a variational dequantizer attached.
+
+    The returned flow is the one :func:`build` makes from ``flow``, with a
+    :class:`~pushforward.dequantization.VariationalDequantizer` ``q(u | x)`` of ``layers`` couplings
+    as the submodule ``flow.dequantizer``: its weights live in the flow's ``state_dict`` and its
+    parameters in ``flow.parameters()``, so one optimizer trains both and one file saves both.
+    ``flow.log_prob`` is unchanged (the density of dequantized ``y``); the training objective and
+    the reported bound are ``-log p(y) + log q(u | x)`` with ``(y, log q) = flow.dequantizer(x)``.
+
+    References:
+        Ho, Chen, Srinivas, Duan & Abbeel, "Flow++", 2019, section 3.1.
+    """
+    from .dequantization import VariationalDequantizer
+
+    model = build(flow)
+    if len(model.event_shape) != 3:
+        raise ValueError(f"variational dequantization needs an image flow (C, H, W), got event shape "
+                         f"{tuple(model.event_shape)}")
+    model.dequantizer = VariationalDequantizer(tuple(model.event_shape), levels, layers, hidden_channels)
+    return model

@@ -14,10 +14,17 @@ where it stopped and ends with the same weights as an uninterrupted one.
 Images (``ImageData``: integer pixels with ``levels`` grey levels) are dequantized afresh for each
 epoch, ``y = (x + u) / levels``, and validated with noise from a fixed seed; their losses are also
 reported in bits/dim (:func:`pushforward.metrics.bits_per_dim`).
+
+With ``config.dequantization = "variational"`` the flow carries a dequantizer ``q(u | x)``
+(:func:`pushforward.models.dequantized`); the loss is then the bound ``-log p(y) + log q(u | x)``
+with ``u ~ q(u | x)`` (one sample per image, seeded like the uniform noise), the same optimizer
+trains both, and the bits/dim formula is unchanged. With ``config.condition = "label"`` the one-hot
+label is passed as ``context``: the model is ``p(x | label)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
 import json
@@ -32,14 +39,24 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from .config import TrainConfig, config_from_dict
+from .config import TrainConfig, config_from_dict, context_classes
 from .core import Flow
 from .io import atomic_write, save
 
-__all__ = ["History", "NonFiniteLossError", "evaluate", "fit", "lr_at", "negative_log_likelihood", "resolve_device"]
+__all__ = [
+    "History",
+    "NonFiniteLossError",
+    "evaluate",
+    "fit",
+    "lr_at",
+    "negative_log_likelihood",
+    "resolve_device",
+    "variational_negative_log_likelihood",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,9 +101,12 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
 
 # -- data ----------------------------------------------------------------------------------------
 class _Data:
-    """Continuous vectors (a float tensor) or quantized images (``.images`` uint8 and ``.levels``)."""
+    """Continuous vectors (a float tensor) or quantized images (``.images`` uint8 and ``.levels``).
 
-    def __init__(self, data: Any):
+    With ``classes > 0`` the data's ``.labels`` give the context: one-hot vectors of ``classes`` entries.
+    """
+
+    def __init__(self, data: Any, classes: int = 0):
         if hasattr(data, "images") and hasattr(data, "levels"):
             self.images: Tensor | None = torch.as_tensor(data.images)
             self.levels: int | None = int(data.levels)
@@ -105,6 +125,15 @@ class _Data:
         self.n = len(tensor)
         self.event_shape = tuple(tensor.shape[1:])
         self.dims = math.prod(self.event_shape)
+        self.classes = classes
+        self.labels: Tensor | None = None
+        if classes:
+            if getattr(data, "labels", None) is None:
+                raise ValueError("a class-conditional model (condition = 'label') needs data with labels (ImageData)")
+            self.labels = torch.as_tensor(data.labels).long()
+            if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= classes):
+                raise ValueError(f"labels must lie in [0, {classes - 1}] for {classes} classes, got "
+                                 f"[{int(self.labels.min())}, {int(self.labels.max())}]")
 
     def get(self, index: Tensor | slice, seed: int, dtype: torch.dtype) -> Tensor:
         """The examples at ``index``; images are dequantized with noise seeded by ``seed``."""
@@ -118,6 +147,24 @@ class _Data:
     def fixed(self, seed: int, dtype: torch.dtype) -> Tensor:
         return self.get(slice(None), seed, dtype)
 
+    def context(self, index: Tensor | slice, dtype: torch.dtype) -> Tensor | None:
+        """One-hot labels at ``index`` (``None`` for an unconditional model)."""
+        if self.labels is None:
+            return None
+        return F.one_hot(self.labels[index], self.classes).to(dtype)
+
+    def nll(self, flow: Flow, index: Tensor, seed: int, dtype: torch.dtype, device: torch.device,
+            variational: bool) -> Tensor:
+        """Per-example training loss in nats (with gradients): ``-log p(y | c)``, plus ``log q(u | x)``
+        with the flow's variational dequantizer; the noise is seeded by ``seed``."""
+        context = self.context(index, dtype)
+        context = None if context is None else context.to(device)
+        if variational:
+            with _seeded(seed, device):
+                y, log_q = flow.dequantizer(self.images[index].to(device), dtype)
+            return -flow.log_prob(y, context) + log_q
+        return -flow.log_prob(self.get(index, seed, dtype).to(device), context)
+
     def bits_per_dim(self, nll: float) -> float | None:
         if self.levels is None:
             return None
@@ -126,48 +173,106 @@ class _Data:
         return float(bits_per_dim(nll, self.dims, self.levels))
 
 
-def negative_log_likelihood(flow: Flow, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """A block whose torch random numbers (CPU and ``device``) come from ``seed``; the global streams are untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def negative_log_likelihood(flow: Flow, x: Tensor, batch_size: int, device: torch.device,
+                            context: Tensor | None = None) -> Tensor:
     """Per-example NLL in nats (float64, on the CPU), evaluated in batches without gradients."""
     was_training = flow.training
     flow.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            out.append(-flow.log_prob(x[i : i + batch_size].to(device)).double().cpu())
+            c = None if context is None else context[i : i + batch_size].to(device)
+            out.append(-flow.log_prob(x[i : i + batch_size].to(device), c).double().cpu())
     flow.train(was_training)
     return torch.cat(out)
 
 
+def variational_negative_log_likelihood(flow: Flow, images: Tensor, batch_size: int, device: torch.device,
+                                        seed: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(-log p(y | c), log q(u | x))`` per example (float64, CPU) with ``u ~ q(u | x)`` from ``flow.dequantizer``.
+
+    One noise sample per image; batch ``i`` draws it with the seed ``seed_from(seed, i)``, so the
+    figures are reproducible for a given ``batch_size``. Their sum is the per-example bound on
+    ``-log P(x) - D log K`` (:mod:`pushforward.dequantization`).
+    """
+    was_training = flow.training
+    flow.eval()
+    dtype = flow._dtype()
+    nll, log_q = [], []
+    with torch.no_grad():
+        for b, i in enumerate(range(0, len(images), batch_size)):
+            c = None if context is None else context[i : i + batch_size].to(device)
+            with _seeded(seed_from(seed, b), device):
+                y, lq = flow.dequantizer(images[i : i + batch_size].to(device), dtype)
+            nll.append(-flow.log_prob(y, c).double().cpu())
+            log_q.append(lq.double().cpu())
+    flow.train(was_training)
+    return torch.cat(nll), torch.cat(log_q)
+
+
 def evaluate(flow: Flow, data: Any, batch_size: int = 1024, seed: int = 0, device: str = "auto",
-             reconstruction: bool = True) -> dict[str, Any]:
+             reconstruction: bool = True, classes: int = 0) -> dict[str, Any]:
     """Test NLL (nats) with its standard error, bits/dim for images, and the reconstruction error.
 
-    Images are dequantized once with noise seeded by ``seed``. ``max_reconstruction_error`` is
-    ``max |f^-1(f(x)) - x|`` over the whole set.
+    Images are dequantized once with noise seeded by ``seed``. A flow with a variational dequantizer
+    (``flow.dequantizer``) is scored by the bound: ``nll`` / ``bpd`` are the mean of
+    ``-log p(y) + log q(u | x)`` with one ``u ~ q(u | x)`` per image (seeded; see
+    :func:`variational_negative_log_likelihood`), and ``uniform_nll`` / ``uniform_bpd`` score the
+    same model with uniform noise, for reference. ``classes > 0``: the one-hot labels are the
+    context, and the figures are the conditional ``-log p(x | label)``. ``max_reconstruction_error``
+    is ``max |f^-1(f(x)) - x|`` over the whole set.
     """
     from .metrics import mean_and_stderr
 
     dev = resolve_device(device) if isinstance(device, str) else device
     flow.to(dev)
-    d = _Data(data)
+    d = _Data(data, classes)
     dtype = flow._dtype()
     x = d.fixed(seed_from(seed, 2), dtype)
-    nll = negative_log_likelihood(flow, x, batch_size, dev)
+    context = d.context(slice(None), dtype)
+    variational = d.images is not None and getattr(flow, "dequantizer", None) is not None
+    uniform = negative_log_likelihood(flow, x, batch_size, dev, context)
+    log_q = None
+    if variational:
+        nll_y, log_q = variational_negative_log_likelihood(flow, d.images, batch_size, dev, seed_from(seed, 4), context)
+        nll = nll_y + log_q
+    else:
+        nll = uniform
     mean, stderr = mean_and_stderr(nll)
     out: dict[str, Any] = {"n": d.n, "dims": d.dims, "nll": float(mean), "nll_stderr": float(stderr)}
+    if classes:
+        out["conditional"] = f"-log p(x | label): one-hot label of {classes} classes as context"
     if d.levels is not None:
-        bpd = (nll / d.dims + math.log(d.levels)) / math.log(2)  # per example, same formula as bits_per_dim
-        out["bpd"] = float(d.bits_per_dim(float(mean)))
-        out["bpd_stderr"] = float(mean_and_stderr(bpd)[1])
+
+        def bpd_of(values: Tensor) -> tuple[float, float]:
+            bpd = (values / d.dims + math.log(d.levels)) / math.log(2)  # per example, same formula as bits_per_dim
+            return float(d.bits_per_dim(float(values.mean()))), float(mean_and_stderr(bpd)[1])
+
+        out["bpd"], out["bpd_stderr"] = bpd_of(nll)
         out["levels"] = d.levels
+        out["dequantization"] = "variational" if variational else "uniform"
+        if variational:
+            out["log_q"], out["log_q_stderr"] = (float(v) for v in mean_and_stderr(log_q))
+            out["uniform_nll"], out["uniform_nll_stderr"] = (float(v) for v in mean_and_stderr(uniform))
+            out["uniform_bpd"], out["uniform_bpd_stderr"] = bpd_of(uniform)
+            out["eval_batch_size"] = batch_size  # the variational noise is seeded per batch
     if reconstruction:
         err = 0.0
         flow.eval()
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 xb = x[i : i + batch_size].to(dev)
-                z, _ = flow.transform(xb)
-                back, _ = flow.transform.inverse(z)
+                c = None if context is None else context[i : i + batch_size].to(dev)
+                z, _ = flow.transform(xb, flow._context(c))
+                back, _ = flow.transform.inverse(z, flow._context(c))
                 err = max(err, float((back - xb).abs().max()))
         out["max_reconstruction_error"] = err
     out["finite"] = all(math.isfinite(v) for v in out.values() if isinstance(v, float))
@@ -246,13 +351,23 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
     device = resolve_device(config.device)
     flow.to(device)
     dtype = flow._dtype()
-    train, val = _Data(train_data), _Data(val_data)
+    classes = context_classes(config)
+    train, val = _Data(train_data, classes), _Data(val_data, classes)
+    variational = config.dequantization == "variational"
+    if variational and (train.images is None or getattr(flow, "dequantizer", None) is None):
+        raise ValueError(
+            "dequantization = 'variational' needs image data and a flow with a dequantizer "
+            "(pushforward.models.dequantized; pushforward.experiment.build_flow builds it from the config)"
+        )
+    if not variational and getattr(flow, "dequantizer", None) is not None:
+        raise ValueError("this flow carries a variational dequantizer: train it with dequantization = 'variational'")
     bs = min(config.batch_size, train.n)
     steps_per_epoch = max(1, train.n // bs)
     total = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
     params = [p for p in flow.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     x_val = val.fixed(seed_from(config.seed, 1), dtype)
+    c_val = val.context(slice(None), dtype)
 
     hist = History(run_dir=out)
     step, bad, best_state = 0, 0, None
@@ -306,7 +421,13 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
 
     def validate() -> dict[str, Any]:
         nonlocal bad, best_state, acc
-        nll = float(negative_log_likelihood(flow, x_val, config.eval_batch_size, device).mean())
+        log_q = None
+        if variational:  # the bound, with one seeded u ~ q(u | x) per image
+            nll_y, log_q = variational_negative_log_likelihood(
+                flow, val.images, config.eval_batch_size, device, seed_from(config.seed, 1), c_val)
+            nll = float((nll_y + log_q).mean())
+        else:
+            nll = float(negative_log_likelihood(flow, x_val, config.eval_batch_size, device, c_val).mean())
         if not math.isfinite(nll):
             raise NonFiniteLossError(
                 f"validation NLL is {nll} after step {step}; stopped without saving"
@@ -318,6 +439,8 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
         if val.levels is not None:
             row["train_bpd"] = train.bits_per_dim(row["train_nll"])
             row["val_bpd"] = val.bits_per_dim(nll)
+        if log_q is not None:
+            row["val_log_q"] = float(log_q.mean())
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["grad_norm"] = acc["gnorm_sum"] / max(1, acc["steps"])
         row["elapsed_s"] = round(time.monotonic() - t0, 3)
@@ -356,8 +479,7 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                     g = torch.Generator().manual_seed(seed_from(config.seed, 0, epoch))
                     perm, perm_epoch = torch.randperm(train.n, generator=g), epoch
                 idx = perm[pos * bs : (pos + 1) * bs]
-                x = train.get(idx, seed_from(config.seed, 3, epoch, pos), dtype).to(device)
-                nll = -flow.log_prob(x)
+                nll = train.nll(flow, idx, seed_from(config.seed, 3, epoch, pos), dtype, device, variational)
                 loss = nll.mean() / train.dims
                 if not bool(torch.isfinite(loss)):
                     raise NonFiniteLossError(
@@ -384,11 +506,11 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                 updating = False
                 nll = nll.detach()
                 acc["nll_sum"] += float(nll.sum())
-                acc["count"] += len(x)
+                acc["count"] += len(idx)
                 acc["gnorm_sum"] += float(gnorm)
                 acc["steps"] += 1
-                window[1] += len(x)
-                since_val[1] += len(x)
+                window[1] += len(idx)
+                since_val[1] += len(idx)
                 bar.update(1)
                 if step % 10 == 0 or step == total:
                     now = time.monotonic()
