@@ -29,7 +29,7 @@ def _overrides(args) -> dict:
     values = parse_overrides(args.set)
     for flag, key in (("data", "data"), ("run_dir", "run_dir"), ("max_minutes", "max_minutes"),
                       ("epochs", "epochs"), ("max_steps", "max_steps"), ("seed", "seed"), ("device", "device"),
-                      ("recipe", "recipe")):
+                      ("recipe", "recipe"), ("condition", "condition"), ("dequantization", "dequantization")):
         value = getattr(args, flag, None)
         if value is not None:
             values[key] = value
@@ -114,6 +114,9 @@ def eval_run(path, split: str = "test", batch_size: int | None = None, checkpoin
 
     The result's ``"path"`` is where ``eval.json`` was written.
     """
+    import math
+
+    from .config import context_classes
     from .experiment import load_dataset, open_run
     from .io import atomic_write
     from .train import evaluate
@@ -122,10 +125,18 @@ def eval_run(path, split: str = "test", batch_size: int | None = None, checkpoin
     dataset = load_dataset(run.config)
     data = {"test": dataset.test, "val": dataset.val, "train": dataset.train}[split]
     result = evaluate(run.flow, data, batch_size or run.config.eval_batch_size, seed=run.config.seed,
-                      device=run.config.device)
+                      device=run.config.device, classes=context_classes(run.config))
     result = {"data": dataset.name, "split": split, "weights": str(run.weights), **result}
     if dataset.info.get("standardised"):
+        # x_std = (x - mean) / std has log|det| = -sum(log std), so log p(x) = log p(x_std) - sum(log std)
+        log_det = float(sum(math.log(s) for s in dataset.info["std"]))
         result["space"] = "standardised"
+        result["nll_original"] = result["nll"] + log_det
+        result["nll_original_stderr"] = result["nll_stderr"]
+        result["sum_log_std"] = log_det
+        result["note"] = ("nll / nll_stderr: nats per row in the standardised space (training-set mean and std), "
+                          "as the MAF/NSF papers report; nll_original: nats per row in the table's own units, "
+                          "nll + sum(log std) (the log-likelihood minus the standardisation's log-determinant)")
     text = json.dumps(result, indent=1)
     atomic_write(run.run_dir / "eval.json", lambda tmp: Path(tmp).write_text(text))
     return {**result, "path": str(run.run_dir / "eval.json")}
@@ -133,9 +144,20 @@ def eval_run(path, split: str = "test", batch_size: int | None = None, checkpoin
 
 def _describe(result: dict) -> str:
     lines = [f"{result['split']} set of {result['data']}: {result['n']} examples, {result['dims']} dims"]
-    lines.append(f"  NLL          {result['nll']:.4f} +- {result['nll_stderr']:.4f} nats")
+    if "conditional" in result:
+        lines.append(f"  conditional: {result['conditional']}")
+    space = " (standardised space)" if result.get("space") == "standardised" else ""
+    bound = " (variational bound: -log p(y) + log q(u|x))" if result.get("dequantization") == "variational" else ""
+    lines.append(f"  NLL          {result['nll']:.4f} +- {result['nll_stderr']:.4f} nats{space}{bound}")
+    if "nll_original" in result:
+        lines.append(f"  NLL          {result['nll_original']:.4f} +- {result['nll_original_stderr']:.4f} nats "
+                     f"(original units: + sum(log std) = {result['sum_log_std']:+.4f})")
     if "bpd" in result:
-        lines.append(f"  bits/dim     {result['bpd']:.4f} +- {result['bpd_stderr']:.4f}  ({result['levels']} levels)")
+        lines.append(f"  bits/dim     {result['bpd']:.4f} +- {result['bpd_stderr']:.4f}  ({result['levels']} levels, "
+                     f"{result['dequantization']} dequantization)")
+    if "uniform_bpd" in result:
+        lines.append(f"  bits/dim     {result['uniform_bpd']:.4f} +- {result['uniform_bpd_stderr']:.4f}  "
+                     f"(same model, uniform dequantization, for reference; E_q[log q] = {result['log_q']:.4f} nats)")
     if "max_reconstruction_error" in result:
         lines.append(f"  max |f^-1(f(x)) - x| = {result['max_reconstruction_error']:.3g}")
     return "\n".join(lines)
@@ -149,24 +171,48 @@ def cmd_eval(args) -> int:
 
 
 # -- sample --------------------------------------------------------------------------------------------
+def _one_hot(labels: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels.long(), classes).to(dtype)
+
+
 def sample_run(path, n: int = 64, temperature: float = 1.0, out: str | None = None, interpolate: bool = False,
-               seed: int = 0) -> list[Path]:
-    """Writes samples of a run: an image grid, or data/samples/density panels for 2-D data."""
+               seed: int = 0, label: int | None = None) -> list[Path]:
+    """Writes samples of a run: an image grid, or data/samples/density panels for 2-D data.
+
+    A class-conditional run samples ``p(x | label)``: ``n`` samples of ``label``, or, without a
+    label, a grid with one row per class (``max(1, n // classes)`` samples each).
+    """
     from . import plot
+    from .config import context_classes
     from .experiment import load_dataset, open_run, quantize
 
     run = open_run(path)
     dataset = load_dataset(run.config)
     flow = run.flow
+    classes = context_classes(run.config)
+    if label is not None and not classes:
+        raise ValueError(f"--label needs a class-conditional run (train with --condition label); {path} is not one")
+    if label is not None and not 0 <= label < classes:
+        raise ValueError(f"--label must lie in [0, {classes - 1}], got {label}")
     torch.manual_seed(seed)
     written: list[Path] = []
     suffix = "" if temperature == 1.0 else f"_T{temperature:g}"
     if dataset.is_image:
+        nrow, what = None, f"{n} samples"
         with torch.no_grad():
-            y = flow.sample(n, temperature=temperature)
+            if not classes:
+                y = flow.sample(n, temperature=temperature)
+            elif label is not None:
+                y = flow.sample(n, context=_one_hot(torch.tensor(label), classes, flow._dtype()), temperature=temperature)
+                what, suffix = f"{n} samples of class {label}", f"{suffix}_label{label}"
+            else:  # (per_class, classes, C, H, W) -> one row per class
+                nrow = max(1, n // classes)
+                context = _one_hot(torch.arange(classes), classes, flow._dtype())
+                y = flow.sample(nrow, context=context, temperature=temperature).transpose(0, 1).flatten(0, 1)
+                what = f"one row per class 0..{classes - 1}, {nrow} samples each"
         target = Path(out) if out else run.run_dir / f"samples{suffix}.png"
-        written.append(plot.save_image_grid(target, quantize(y, dataset.levels),
-                                            title=f"{dataset.name}: {n} samples, T={temperature:g}"))
+        written.append(plot.save_image_grid(target, quantize(y, dataset.levels), nrow=nrow,
+                                            title=f"{dataset.name}: {what}, T={temperature:g}"))
         if interpolate:
             written.append(_interpolation(run, dataset, Path(out).with_name(Path(out).stem + "_interpolation.png")
                                           if out else run.run_dir / "interpolation.png"))
@@ -199,23 +245,29 @@ def _interpolation(run, dataset, target: Path, pairs: int = 4, steps: int = 9) -
     from .data import dequantize
     from .experiment import quantize
 
+    from .config import context_classes
+
     flow = run.flow
     k = min(2 * pairs, len(dataset.test.images))
     g = torch.Generator().manual_seed(run.config.seed)
     y = dequantize(dataset.test.images[:k], dataset.levels, generator=g).to(flow._dtype())
+    classes = context_classes(run.config)
+    # a conditional model: each image is encoded with its own label; the path interpolates the labels too
+    c = _one_hot(dataset.test.labels[:k], classes, flow._dtype()) if classes else None
     with torch.no_grad():
-        z, _ = flow.transform(y)
+        z, _ = flow.transform(y, flow._context(c))
         rows = []
         for i in range(0, k - 1, 2):
             t = torch.linspace(0, 1, steps, dtype=z.dtype).view(-1, *([1] * (z.dim() - 1)))
             path = (1 - t) * z[i] + t * z[i + 1]
-            rows.append(flow.transform.inverse(path)[0])
+            cp = None if c is None else (1 - t.view(-1, 1)) * c[i] + t.view(-1, 1) * c[i + 1]
+            rows.append(flow.transform.inverse(path, flow._context(cp))[0])
     images = quantize(torch.cat(rows), dataset.levels)
     return plot.save_image_grid(target, images, nrow=steps, title="latent interpolation between test images")
 
 
 def cmd_sample(args) -> int:
-    for path in sample_run(args.run, args.n, args.temperature, args.out, args.interpolate, args.seed):
+    for path in sample_run(args.run, args.n, args.temperature, args.out, args.interpolate, args.seed, args.label):
         _print(f"wrote {path}")
     return 0
 
@@ -333,6 +385,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto|cpu|cuda|cuda:N")
     t.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    t.add_argument("--condition", choices=("label",),
+                   help="label: a class-conditional image model p(x | label), the one-hot label as context")
+    t.add_argument("--dequantization", choices=("uniform", "variational"),
+                   help="images: uniform noise (default) or a variational dequantizer q(u | x) trained jointly "
+                        "(--set dequantizer.layers=4 --set dequantizer.hidden_channels=32)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="test NLL / bits-per-dim and reconstruction error; writes eval.json")
@@ -349,6 +406,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="PNG path (default RUN/samples.png)")
     s.add_argument("--interpolate", action="store_true", help="also a latent interpolation between test images")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--label", type=int,
+                   help="class-conditional runs: sample this class (default: one row per class)")
     s.set_defaults(fn=cmd_sample)
 
     c = sub.add_parser("plot", help="training curves to PNG")
