@@ -148,6 +148,8 @@ def _describe(result: dict) -> str:
         lines.append(f"  conditional: {result['conditional']}")
     space = " (standardised space)" if result.get("space") == "standardised" else ""
     bound = " (variational bound: -log p(y) + log q(u|x))" if result.get("dequantization") == "variational" else ""
+    if result.get("bound"):  # a VAE (pushforward.vae)
+        bound += f" ({result['bound']}: an upper bound on the VAE's NLL; see pushforward compare for IWAE)"
     lines.append(f"  NLL          {result['nll']:.4f} +- {result['nll_stderr']:.4f} nats{space}{bound}")
     if "nll_original" in result:
         lines.append(f"  NLL          {result['nll_original']:.4f} +- {result['nll_original_stderr']:.4f} nats "
@@ -421,6 +423,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--density", default="moons", help="2-D toy density")
     d.add_argument("--images", default="digits", help="image data set ('' to skip)")
     d.set_defaults(fn=cmd_demo)
+
+    from .compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)  # pushforward compare: flow vs VAE (pushforward.compare)
     return p
 
 

@@ -356,6 +356,8 @@ def model_kwargs(config: TrainConfig, event_shape: tuple[int, ...]) -> dict[str,
         if len(event_shape) != 3:
             raise ValueError(f"recipe {config.recipe!r} models images, but the data has event shape {event_shape}")
         kwargs["shape"] = list(event_shape)
+    elif "event_shape" in params:  # recipes for any data, e.g. pushforward.vae.vae
+        kwargs["event_shape"] = list(event_shape)
     classes = context_classes(config)
     if classes:
         if "context_features" not in params:

@@ -264,7 +264,9 @@ def evaluate(flow: Flow, data: Any, batch_size: int = 1024, seed: int = 0, devic
             out["uniform_nll"], out["uniform_nll_stderr"] = (float(v) for v in mean_and_stderr(uniform))
             out["uniform_bpd"], out["uniform_bpd_stderr"] = bpd_of(uniform)
             out["eval_batch_size"] = batch_size  # the variational noise is seeded per batch
-    if reconstruction:
+    if hasattr(flow, "elbo"):  # a VAE (pushforward.vae): log_prob is a bound, so "nll" is the bound's negative
+        out["bound"] = "negative ELBO" if flow.k == 1 else f"negative IWAE (k={flow.k})"
+    if reconstruction and hasattr(flow, "transform"):  # a VAE has no bijection to invert
         err = 0.0
         flow.eval()
         with torch.no_grad():

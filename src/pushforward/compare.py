@@ -1,0 +1,598 @@
+"""``pushforward compare``: the lecture's flows-versus-VAEs comparison, as a command.
+
+Trains (or reopens) a flow and a VAE on the same data split, then scores both on the same test
+examples with the same dequantization noise:
+
+* the flow's exact negative log-likelihood ``-log p(y)``;
+* the VAE's negative ELBO, split into reconstruction and KL terms;
+* the VAE's importance-weighted estimates ``-IWAE_k`` for ``k = 1, 10, 100, 1000``, which are
+  upper bounds on its NLL (in expectation) that tighten as ``k`` grows;
+* the gaps, per example and paired (so their standard errors are small), training time, sampling
+  speed, and figures: samples of both side by side, and the bound tightening with ``k``.
+
+Images are in nats of the dequantized ``y`` in ``[0, 1]`` and bits/dim of the discrete images
+(:func:`pushforward.metrics.bits_per_dim`), for both models alike.
+
+The two models are matched either in parameter count (``--match params``, the default: the VAE's
+width is chosen to match the flow's parameter count, and both train for the same number of steps)
+or in wall-clock time (``--match time``: each model, at its default size, gets ``--minutes`` of
+training with a step count timed to fit).
+
+Output in the run directory: ``report.md``, ``compare.json``, ``samples.png``, ``bound.png``,
+and the two training runs in ``flow/`` and ``vae/`` (usable with ``pushforward eval/sample/plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["add_parser", "compare", "count_parameters", "match_vae_width", "sampling_speed"]
+
+DEFAULT_KS = (1, 10, 100, 1000)
+
+
+def _print(*args) -> None:
+    print(*args, flush=True)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _vae_parameters(kwargs: dict) -> int:
+    from .models import build
+
+    with torch.device("meta"):  # counts without allocating
+        return count_parameters(build({"recipe": "vae", "kwargs": kwargs}))
+
+
+def match_vae_width(target: int, event_shape: Sequence[int], model: dict | None = None,
+                    min_channels: int = 16) -> tuple[dict, int]:
+    """VAE recipe kwargs (``model`` with its width set) whose parameter count is closest to ``target``.
+
+    The width is ``hidden = [w, w]`` (MLP; the depth of ``model["hidden"]`` is kept) or
+    ``hidden_channels = w`` (convolutional). For images, when even ``min_channels`` channels
+    would exceed ``target``, the linear ``bottleneck`` is halved first (down to 1 channel), so the
+    convolutions keep a useful width. Returns ``(kwargs, parameters)``.
+    """
+    from .vae import vae as vae_recipe  # noqa: F401  (registers the recipe)
+
+    kwargs = {**(model or {}), "event_shape": list(event_shape)}
+    conv = len(event_shape) == 3 and kwargs.get("arch", "auto") in ("auto", "conv")
+    depth = len(kwargs.get("hidden", (256, 256)))
+
+    def with_width(w: int) -> dict:
+        if conv:
+            return {**kwargs, "hidden_channels": w}
+        return {**kwargs, "hidden": [w] * depth}
+
+    if conv:
+        kwargs.setdefault("bottleneck", 4)
+        while kwargs["bottleneck"] > 1 and _vae_parameters(with_width(min_channels)) > target:
+            kwargs["bottleneck"] //= 2
+    lo, hi = 1, 2
+    while _vae_parameters(with_width(hi)) < target and hi < 1 << 14:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # smallest width whose count reaches the target lies in (lo, hi]
+        mid = (lo + hi) // 2
+        if _vae_parameters(with_width(mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda w: abs(_vae_parameters(with_width(w)) - target))
+    out = with_width(best)
+    out.pop("event_shape")
+    return out, _vae_parameters(with_width(best))
+
+
+@torch.no_grad()
+def sampling_speed(model, n: int, repeats: int = 3) -> float:
+    """Samples per second of ``model.sample(n)`` (median of ``repeats`` timed calls, after one warm-up)."""
+    model.eval()
+    model.sample(min(n, 16))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.sample(n)
+        times.append(time.perf_counter() - t0)
+    return n / sorted(times)[len(times) // 2]
+
+
+def _mean_se(values: Tensor) -> tuple[float, float]:
+    from .metrics import mean_and_stderr
+
+    return tuple(float(v) for v in mean_and_stderr(values))
+
+
+# -- training ---------------------------------------------------------------------------------------
+def _config(data: str, run_dir: Path, seed: int, sets: list[str], extra: dict):
+    from .config import _merge, parse_overrides, resolve_config
+
+    values = _merge(parse_overrides(sets), {"data": data, "run_dir": str(run_dir), "seed": seed, **extra})
+    return resolve_config({}, values)
+
+
+def _metrics_summary(run_dir: Path) -> dict:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {"steps": rows[-1]["step"], "train_seconds": rows[-1].get("elapsed_s")} if rows else {}
+
+
+def _train(config, what: str, overwrite: bool) -> dict:
+    from .checkpoint import checkpoint_dir
+    from .cli import train_run
+
+    run_dir = Path(config.run_dir)
+    if not overwrite and ((checkpoint_dir(run_dir) / "state.json").exists() or (run_dir / "best.safetensors").exists()):
+        raise FileExistsError(
+            f"{run_dir} already holds a {what} run; pass --overwrite to retrain it, or reuse it with "
+            f"--{what} {run_dir}"
+        )
+    t0 = time.monotonic()
+    history, _, _ = train_run(config, overwrite=True)
+    seconds = time.monotonic() - t0
+    return {"steps": history.step, "train_seconds": round(seconds, 2), "stop_reason": history.stop_reason}
+
+
+def _open(path: str | Path, what: str) -> tuple[Any, Any, dict]:
+    from .experiment import open_run
+
+    run = open_run(path)
+    is_vae = (run.flow.config or {}).get("recipe") == "vae"
+    if is_vae != (what == "vae"):
+        raise ValueError(f"--{what} {path} holds a {'VAE' if is_vae else 'flow'}, not a {what}")
+    return run.flow, run.config, _metrics_summary(run.run_dir)
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+def _test_points(dataset, config, n: int) -> Tensor:
+    """The first ``n`` test examples; images dequantized with the noise :func:`pushforward.train.evaluate` uses."""
+    from .data import dequantize
+    from .train import seed_from
+
+    if dataset.is_image:
+        g = torch.Generator().manual_seed(seed_from(config.seed, 2))
+        y = dequantize(dataset.test.images, dataset.levels, generator=g)
+        return y[:n] if n > 0 else y
+    return dataset.test[:n] if n > 0 else dataset.test
+
+
+@torch.no_grad()
+def score(flow, vae, x: Tensor, ks: Sequence[int] = DEFAULT_KS, seed: int = 0, batch_size: int = 256,
+          elbo_samples: int = 10, log=_print) -> dict[str, Tensor]:
+    """Per-example scores in nats on ``x``: ``flow_nll``, ``neg_elbo``, ``recon``, ``kl``, ``neg_iwae_<k>``."""
+    from .train import seed_from
+
+    flow.eval()
+    vae.eval()
+    out: dict[str, list[Tensor]] = {}
+
+    def add(name: str, value: Tensor) -> None:
+        out.setdefault(name, []).append(value.double().cpu())
+
+    t0 = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        add("flow_nll", -flow.log_prob(x[i : i + batch_size]))
+    log(f"  flow exact NLL: {time.perf_counter() - t0:.1f} s")
+    torch.manual_seed(seed_from(seed, 5))
+    for i in range(0, len(x), batch_size):
+        elbo, recon, kl = vae.elbo(x[i : i + batch_size], samples=elbo_samples)
+        add("neg_elbo", -elbo)
+        add("recon", recon)
+        add("kl", kl)
+    for k in ks:
+        t0 = time.perf_counter()
+        torch.manual_seed(seed_from(seed, 6, k))
+        bs = max(1, min(batch_size, len(x)))
+        for i in range(0, len(x), bs):
+            add(f"neg_iwae_{k}", -vae.iwae(x[i : i + bs], k))
+        log(f"  VAE IWAE k={k}: {time.perf_counter() - t0:.1f} s")
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _summary(scores: dict[str, Tensor], ks: Sequence[int], dims: int, levels: int | None,
+             true_nll: Tensor | None) -> dict:
+    from .metrics import bits_per_dim
+
+    def entry(values: Tensor) -> dict:
+        mean, se = _mean_se(values)
+        e = {"nats": mean, "nats_stderr": se}
+        if levels is not None:
+            e["bpd"] = float(bits_per_dim(mean, dims, levels))
+            e["bpd_stderr"] = se / (dims * math.log(2))
+        return e
+
+    res: dict[str, Any] = {name: entry(v) for name, v in scores.items()}
+    flow = scores["flow_nll"]
+    kmax = max(ks)
+    gaps = {"neg_elbo - flow_nll": scores["neg_elbo"] - flow,
+            f"neg_iwae_{kmax} - flow_nll": scores[f"neg_iwae_{kmax}"] - flow,
+            f"iwae_{kmax} - elbo": scores["neg_elbo"] - scores[f"neg_iwae_{kmax}"]}
+    if true_nll is not None:
+        res["true_nll"] = entry(true_nll)
+        gaps["flow_nll - true_nll"] = flow - true_nll
+        gaps[f"neg_iwae_{kmax} - true_nll"] = scores[f"neg_iwae_{kmax}"] - true_nll
+    res["gaps"] = {}
+    for name, v in gaps.items():  # paired differences: same examples, same noise
+        mean, se = _mean_se(v)
+        g = {"nats": mean, "nats_stderr": se}
+        if levels is not None:
+            g["bpd"], g["bpd_stderr"] = mean / (dims * math.log(2)), se / (dims * math.log(2))
+        res["gaps"][name] = g
+    return res
+
+
+# -- figures ------------------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+@torch.no_grad()
+def _samples_figure(path: Path, flow, vae, dataset, x: Tensor, seed: int, title: str) -> Path:
+    from .experiment import quantize
+    from .plot import data_bounds, density_grid, image_grid
+
+    torch.manual_seed(seed)
+    if dataset.is_image:
+        n = 64
+        panels = [("flow samples", quantize(flow.sample(n), dataset.levels)),
+                  ("VAE samples  x ~ p(x | z)", quantize(vae.sample(n), dataset.levels)),
+                  ("VAE decoder medians (no pixel noise)", quantize(vae.sample(n, decoder_noise=False), dataset.levels)),
+                  ("test images", quantize(x[:n], dataset.levels))]
+        fig = _figure(4 * len(panels), 4.4)
+        for ax, (name, images) in zip(fig.subplots(1, len(panels)), panels):
+            grid = image_grid(images, nrow=8)
+            ax.imshow(grid[..., 0].numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_title(name, fontsize=10)
+            ax.set_axis_off()
+        fig.suptitle(title)
+        fig.savefig(path)
+        return path
+    n = min(2000, len(x))
+    data = x[:n, :2]
+    bounds = data_bounds(data)
+    scatters = [("test data", data), ("flow samples", flow.sample(n)[:, :2]),
+                ("VAE samples  x ~ p(x | z)", vae.sample(n)[:, :2]),
+                ("VAE decoder means", vae.sample(n, decoder_noise=False)[:, :2])]
+    two_d = tuple(dataset.event_shape) == (2,)
+    height = 4 * min(1.5, max(0.4, (bounds[3] - bounds[2]) / max(1e-12, bounds[1] - bounds[0]))) + 0.5
+    fig = _figure(4 * len(scatters), (2 * height if two_d else height) + 0.4)
+    axes = fig.subplots(2 if two_d else 1, len(scatters), squeeze=False)
+    for ax, (name, pts) in zip(axes[0], scatters):
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, linewidths=0, color="C0" if name == "test data" else "C1")
+        ax.set_title(name, fontsize=10)
+    if two_d:
+        from .data.toy import TOY_DENSITIES, toy_log_prob
+
+        res = 100
+        _, _, flow_lp = density_grid(flow, bounds, resolution=res)
+
+        class _IWAE100:  # exp(IWAE_100) as a density estimate on the grid
+            def __init__(self, m):
+                self.m = m
+
+            def _dtype(self):
+                return self.m._dtype()
+
+            def parameters(self):
+                return self.m.parameters()
+
+            def eval(self):
+                return self
+
+            def log_prob(self, pts):
+                return self.m.iwae(pts, 100)
+
+        torch.manual_seed(seed)
+        _, _, vae_lp = density_grid(_IWAE100(vae), bounds, resolution=res, batch_size=2048)
+        maps = [("flow density (exact)", flow_lp), ("VAE density, exp(IWAE k=100)", vae_lp)]
+        if dataset.name in TOY_DENSITIES and dataset.name != "pinwheel":
+            xs = torch.linspace(bounds[0], bounds[1], res, dtype=torch.float64)
+            ys = torch.linspace(bounds[2], bounds[3], res, dtype=torch.float64)
+            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+            true = toy_log_prob(dataset.name, torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)).reshape(res, res)
+            maps.insert(0, ("true density", true))
+        vmax = float(max(m.exp().max() for _, m in maps))
+        for ax, (name, lp) in zip(axes[1], maps):
+            ax.imshow(lp.exp().numpy(), origin="lower", extent=bounds, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+            ax.set_title(name, fontsize=10)
+        for ax in axes[1][len(maps):]:
+            ax.set_axis_off()
+    for ax in axes.flat:
+        if ax.axison:
+            ax.set_xlim(bounds[0], bounds[1])
+            ax.set_ylim(bounds[2], bounds[3])
+            ax.set_aspect("equal")
+    fig.suptitle(title)
+    fig.savefig(path)
+    return path
+
+
+def _bound_figure(path: Path, summary: dict, ks: Sequence[int], unit: str, title: str) -> Path:
+    key, se_key = (unit, f"{unit}_stderr")
+    label = "bits/dim" if unit == "bpd" else "nats per example"
+    fig = _figure(11, 4.2)
+    ax1, ax2 = fig.subplots(1, 2)
+    iw = [summary[f"neg_iwae_{k}"] for k in ks]
+    ax1.errorbar(ks, [e[key] for e in iw], yerr=[e[se_key] for e in iw], fmt="o-", color="C1", capsize=3,
+                 label="VAE  -IWAE_k (upper bound on its NLL)")
+    ax1.axhline(summary["neg_elbo"][key], color="C1", linestyle="--", label="VAE  -ELBO")
+    ax1.axhline(summary["flow_nll"][key], color="C0", label="flow  exact NLL")
+    if "true_nll" in summary:
+        ax1.axhline(summary["true_nll"][key], color="k", linestyle=":", label="true density's NLL")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("importance samples k")
+    ax1.set_ylabel(f"test NLL ({label})")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    ax1.set_title("the bound tightens with k")
+    gaps = [summary["paired"][f"neg_iwae_{k} - flow_nll"] for k in ks]
+    ax2.errorbar(ks, [g[key] for g in gaps], yerr=[g[se_key] for g in gaps], fmt="o-", color="C1", capsize=3,
+                 label="-IWAE_k - flow NLL")
+    ax2.axhline(summary["gaps"]["neg_elbo - flow_nll"][key], color="C1", linestyle="--", label="-ELBO - flow NLL")
+    ax2.axhline(0, color="C0")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("importance samples k")
+    ax2.set_ylabel(f"gap to the flow ({label}, paired)")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    ax2.set_title("VAE minus flow, same examples")
+    fig.suptitle(title)
+    fig.savefig(path)
+    return path
+
+
+# -- the report ---------------------------------------------------------------------------------------
+def _fmt(e: dict | None, unit: str) -> str:
+    if e is None:
+        return "-"
+    if unit == "bpd":
+        return f"{e['bpd']:.4f} ± {e['bpd_stderr']:.4f}"
+    return f"{e['nats']:.3f} ± {e['nats_stderr']:.3f}"
+
+
+def _report(result: dict) -> str:
+    s, f, v = result["scores"], result["flow"], result["vae"]
+    ks = result["ks"]
+    units = ["nats", "bpd"] if result["levels"] else ["nats"]
+    lines = [f"# Flow versus VAE on {result['data']}", ""]
+    lines.append(f"Command: `{result['command']}`")
+    lines.append("")
+    lines.append(
+        f"Test examples scored: the first {result['n_eval']} of the test split ({result['split']}); "
+        + ("images dequantized once with the seeded noise `pushforward eval` uses, the same `y` for both models. "
+           if result["levels"] else "")
+        + f"Matched: {result['match_description']}."
+    )
+    lines.append("")
+    head = "| | flow | VAE |"
+    lines += [head, "|---|---|---|"]
+    lines.append(f"| model | `{f['recipe']}` | `vae` ({v['arch']}, latent {v['latent']}) |")
+    lines.append(f"| parameters | {f['parameters']:,} | {v['parameters']:,} |")
+    lines.append(f"| training steps | {f.get('steps', '-')} | {v.get('steps', '-')} |")
+    t = lambda d: f"{d['train_seconds']:.1f}" if d.get("train_seconds") is not None else "-"  # noqa: E731
+    lines.append(f"| training time (s) | {t(f)} | {t(v)} |")
+    lines.append(f"| sampling speed (samples/s) | {f['samples_per_s']:,.0f} | {v['samples_per_s']:,.0f} |")
+    for unit in units:
+        name = "bits/dim" if unit == "bpd" else "nats"
+        lines.append(f"| exact NLL ({name}) | {_fmt(s['flow_nll'], unit)} | intractable |")
+        lines.append(f"| -ELBO ({name}) | - | {_fmt(s['neg_elbo'], unit)} |")
+        for k in ks:
+            lines.append(f"| -IWAE k={k} ({name}) | - | {_fmt(s[f'neg_iwae_{k}'], unit)} |")
+    lines.append(f"| ELBO terms (nats): reconstruction, KL | - | {s['recon']['nats']:.3f}, {s['kl']['nats']:.3f} |")
+    if "true_nll" in s:
+        lines.append(f"| true density's NLL on the same points (nats) | {_fmt(s['true_nll'], 'nats')} | |")
+    lines += ["", "Gaps (paired over the same examples; mean ± standard error):", "",
+              "| gap | nats |" + (" bits/dim |" if result["levels"] else ""),
+              "|---|---|" + ("---|" if result["levels"] else "")]
+    kmax = max(ks)
+    names = {"neg_elbo - flow_nll": "VAE -ELBO minus flow NLL",
+             f"neg_iwae_{kmax} - flow_nll": f"VAE -IWAE_{kmax} minus flow NLL",
+             f"iwae_{kmax} - elbo": f"VAE IWAE_{kmax} minus ELBO",
+             "flow_nll - true_nll": "flow NLL minus the true density's",
+             f"neg_iwae_{kmax} - true_nll": f"VAE -IWAE_{kmax} minus the true density's NLL"}
+    for name, g in s["gaps"].items():
+        row = f"| {names.get(name, name)} | {g['nats']:.3f} ± {g['nats_stderr']:.3f} |"
+        if result["levels"]:
+            row += f" {g['bpd']:.4f} ± {g['bpd_stderr']:.4f} |"
+        lines.append(row)
+    lines += [
+        "",
+        "Reading the numbers: the flow's NLL is exact (up to the test sample). The VAE's `-ELBO` and "
+        "`-IWAE_k` are upper bounds on its NLL in expectation; `-IWAE_k` decreases towards the VAE's "
+        f"true NLL as k grows, so the VAE's NLL is at most about `-IWAE_{kmax}`. "
+        f"`IWAE_{kmax} - ELBO` is a lower bound on the ELBO's gap to the VAE's log-likelihood.",
+        "",
+        "![samples](samples.png)",
+        "",
+        "![bound](bound.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def compare(data: str, out: str | Path | None = None, match: str = "params", minutes: float = 0.0,
+            max_steps: int = 0, flow_run: str | None = None, vae_run: str | None = None, flow_recipe: str = "",
+            ks: Sequence[int] = DEFAULT_KS, eval_n: int = 500, seed: int = 0, sets: Sequence[str] = (),
+            flow_sets: Sequence[str] = (), vae_sets: Sequence[str] = (), overwrite: bool = False,
+            progress: bool = True, command: str = "") -> dict:
+    """Runs the comparison; returns the result written to ``compare.json`` (see the module docstring)."""
+    from .experiment import build_flow, load_dataset
+    from .io import atomic_write
+
+    if match not in ("params", "time"):
+        raise ValueError(f"--match must be 'params' or 'time', got {match!r}")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"--ks needs positive sample counts, got {ks}")
+    out = Path(out) if out else Path("runs") / "compare" / Path(data).stem
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {} if progress else {"progress": False}
+    fcfg = _config(data, out / "flow", seed, [*sets, *flow_sets], {**extra, **({"recipe": flow_recipe} if flow_recipe else {})})
+    vcfg = _config(data, out / "vae", seed, [*sets, *vae_sets], {**extra, "recipe": "vae"})
+    for cfg in (fcfg, vcfg):
+        if getattr(cfg, "condition", ""):
+            raise ValueError("compare scores unconditional models; drop condition = 'label'")
+    dataset = load_dataset(fcfg)
+    flow_stats = vae_stats = None
+    flow = vae = None
+    if flow_run:
+        flow, fcfg, flow_stats = _open(flow_run, "flow")
+    if vae_run:
+        vae, vcfg, vae_stats = _open(vae_run, "vae")
+    for name in ("data", "seed", "n_train", "n_val", "n_test", "val_fraction", "test_fraction"):
+        if getattr(fcfg, name) != getattr(vcfg, name):
+            raise ValueError(f"the flow and the VAE were trained on different data: {name} = "
+                             f"{getattr(fcfg, name)!r} vs {getattr(vcfg, name)!r}")
+    if flow_run:
+        dataset = load_dataset(fcfg)
+    if fcfg.max_train != vcfg.max_train:
+        _print(f"note: max_train differs (flow {fcfg.max_train}, VAE {vcfg.max_train}); the test split is the same")
+
+    # matching
+    flow_params = count_parameters(flow) if flow is not None else count_parameters(build_flow(fcfg, dataset))
+    if match == "params":
+        if vae is None:
+            vcfg.model, vae_params = match_vae_width(flow_params, dataset.event_shape, vcfg.model)
+            _print(f"VAE width matched to the flow's {flow_params:,} parameters: {vcfg.model} ({vae_params:,})")
+        steps = max_steps
+        if steps <= 0 and flow_stats and flow_stats.get("steps") and vae is None:
+            steps = flow_stats["steps"]  # give the VAE the reused flow's budget
+        elif steps <= 0:
+            steps = fcfg.max_steps  # 0: the data set's default epochs, the same for both
+        for cfg, trained in ((fcfg, flow), (vcfg, vae)):
+            if trained is None:
+                if steps > 0:
+                    cfg.max_steps = steps
+                if minutes > 0:
+                    cfg.max_minutes = minutes
+        description = f"parameter counts; the same training budget ({steps or 'the default'} steps" + (
+            f", at most {minutes:g} min each)" if minutes > 0 else ")")
+    else:
+        from .cli import calibrate_steps
+
+        minutes = minutes if minutes > 0 else 1.0
+        for cfg, trained in ((fcfg, flow), (vcfg, vae)):
+            if trained is None:
+                cfg.max_steps = calibrate_steps(cfg, 0.9 * minutes)
+                cfg.max_minutes = minutes
+                cfg.patience = 0
+        description = f"wall-clock time ({minutes:g} min of training each, default model sizes)"
+    for cfg in (fcfg, vcfg):
+        if cfg.max_steps > 0 and cfg.val_every == 0:
+            cfg.val_every = max(1, cfg.max_steps // 10)
+
+    # training
+    if flow is None:
+        _print(f"\n== training the flow ({fcfg.recipe}) -> {fcfg.run_dir}")
+        flow_stats = _train(fcfg, "flow", overwrite)
+        flow = _open(fcfg.run_dir, "flow")[0]
+    if vae is None:
+        _print(f"\n== training the VAE -> {vcfg.run_dir}")
+        vae_stats = _train(vcfg, "vae", overwrite)
+        vae = _open(vcfg.run_dir, "vae")[0]
+
+    # scoring
+    x = _test_points(dataset, fcfg, eval_n)
+    _print(f"\n== scoring {len(x)} test examples (IWAE k = {', '.join(map(str, ks))})")
+    scores = score(flow, vae, x.to(flow._dtype()), ks, seed=fcfg.seed)
+    true_nll = None
+    if dataset.kind == "toy" and dataset.name != "pinwheel":
+        from .data.toy import toy_log_prob
+
+        true_nll = -toy_log_prob(dataset.name, x).double()
+    levels = dataset.levels
+    summary = _summary(scores, ks, math.prod(dataset.event_shape), levels, true_nll)
+    summary["paired"] = {}
+    for k in ks:
+        d = scores[f"neg_iwae_{k}"] - scores["flow_nll"]
+        mean, se = _mean_se(d)
+        dims = math.prod(dataset.event_shape)
+        summary["paired"][f"neg_iwae_{k} - flow_nll"] = {"nats": mean, "nats_stderr": se, "bpd": mean / (dims * math.log(2)),
+                                                        "bpd_stderr": se / (dims * math.log(2))}
+    n_speed = 256 if dataset.is_image else 2000
+    flow_info = {"recipe": flow.config["recipe"], "config": flow.config, "parameters": count_parameters(flow),
+                 "samples_per_s": sampling_speed(flow, n_speed), "run_dir": str(Path(fcfg.run_dir)), **(flow_stats or {})}
+    vae_info = {"arch": "conv" if hasattr(vae.encoder, "nets") else "mlp", "latent": vae.latent, "config": vae.config,
+                "parameters": count_parameters(vae), "samples_per_s": sampling_speed(vae, n_speed),
+                "run_dir": str(Path(vcfg.run_dir)), **(vae_stats or {})}
+    result = {
+        "data": dataset.name, "split": dataset.info.get("split", f"fresh samples seeded from seed {fcfg.seed}"), "n_eval": len(x),
+        "dims": math.prod(dataset.event_shape), "levels": levels, "ks": ks, "match": match,
+        "match_description": description, "command": command or f"pushforward compare --data {data}",
+        "flow": flow_info, "vae": vae_info, "scores": summary,
+    }
+
+    title = f"{dataset.name}: flow ({flow_info['recipe']}, {flow_info['parameters']:,} params) vs VAE ({vae_info['parameters']:,} params)"
+    _samples_figure(out / "samples.png", flow, vae, dataset, x, fcfg.seed, title)
+    _bound_figure(out / "bound.png", summary, ks, "bpd" if levels else "nats", title)
+    result["files"] = {name: str(out / name) for name in ("report.md", "compare.json", "samples.png", "bound.png")}
+    text = json.dumps(result, indent=1)
+    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
+    report = _report(result)
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(report))
+    _print("\n" + report)
+    _print(f"wrote {out / 'report.md'}, {out / 'compare.json'}, {out / 'samples.png'}, {out / 'bound.png'}")
+    return result
+
+
+def cmd_compare(args) -> int:
+    ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+    command = ["pushforward", "compare", "--data", args.data]
+    for flag, value in (("--run-dir", args.run_dir), ("--match", args.match), ("--minutes", args.minutes),
+                        ("--max-steps", args.max_steps), ("--flow", args.flow), ("--vae", args.vae),
+                        ("--flow-recipe", args.flow_recipe), ("--ks", args.ks), ("--eval-n", args.eval_n),
+                        ("--seed", args.seed)):
+        if value is not None:
+            command += [flag, str(value)]
+    for flag, values in (("--set", args.set), ("--flow-set", args.flow_set), ("--vae-set", args.vae_set)):
+        for value in values or []:
+            command += [flag, value]
+    command += ["--overwrite"] * args.overwrite + ["--no-progress"] * args.no_progress
+    command = shlex.join(command)
+    compare(args.data, args.run_dir, args.match, args.minutes or 0.0, args.max_steps or 0, args.flow, args.vae,
+            args.flow_recipe or "", ks, args.eval_n, args.seed, args.set or [], args.flow_set or [], args.vae_set or [],
+            args.overwrite, not args.no_progress, command)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds the ``compare`` subcommand to the ``pushforward`` parser."""
+    c = sub.add_parser("compare", help="flow vs VAE on the same data: exact NLL vs ELBO/IWAE, time, samples",
+                       description=__doc__.split("\n\n")[0])
+    c.add_argument("--data", required=True, help="moons|checkerboard|...|digits|fashion-mnist|path/to/table.csv")
+    c.add_argument("--run-dir", dest="run_dir", help="output directory (default runs/compare/<data>)")
+    c.add_argument("--match", choices=("params", "time"), default="params",
+                   help="params: VAE width matched to the flow's parameter count, same steps (default); "
+                        "time: default sizes, --minutes of training each")
+    c.add_argument("--minutes", type=float, help="time mode: minutes per model (default 1); params mode: a cap per model")
+    c.add_argument("--max-steps", dest="max_steps", type=int, help="params mode: steps for both (default: the data's epochs)")
+    c.add_argument("--flow", help="reuse a trained flow run instead of training one")
+    c.add_argument("--vae", help="reuse a trained VAE run (pushforward train --recipe vae) instead of training one")
+    c.add_argument("--flow-recipe", dest="flow_recipe", help="flow recipe (default: the data set's)")
+    c.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="IWAE sample counts (default 1,10,100,1000)")
+    c.add_argument("--eval-n", dest="eval_n", type=int, default=500,
+                   help="test examples scored (default 500; 0: all). IWAE costs k decoder passes per example")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for both models (repeatable)")
+    c.add_argument("--flow-set", dest="flow_set", action="append", metavar="KEY=VALUE", help="override for the flow")
+    c.add_argument("--vae-set", dest="vae_set", action="append", metavar="KEY=VALUE", help="override for the VAE")
+    c.add_argument("--overwrite", action="store_true", help="retrain runs already in the run directory")
+    c.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
+    c.set_defaults(fn=cmd_compare)
+    return c
