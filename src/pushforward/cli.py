@@ -244,10 +244,9 @@ def sample_run(path, n: int = 64, temperature: float = 1.0, out: str | None = No
 def _interpolation(run, dataset, target: Path, pairs: int = 4, steps: int = 9) -> Path:
     """Decodes points on straight lines between the latents of test images."""
     from . import plot
+    from .config import context_classes
     from .data import dequantize
     from .experiment import quantize
-
-    from .config import context_classes
 
     flow = run.flow
     k = min(2 * pairs, len(dataset.test.images))
