@@ -19,7 +19,11 @@ __all__ = ["main"]
 
 
 def _print(*args) -> None:
-    print(*args, flush=True)
+    """Prints on one process only: rank 0 under ``torchrun`` (``RANK`` unset: a single process)."""
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(*args, flush=True)
 
 
 # -- train -------------------------------------------------------------------------------------------
@@ -35,6 +39,9 @@ def _overrides(args) -> dict:
             values[key] = value
     if getattr(args, "no_progress", False):
         values["progress"] = False
+    for flag in ("amp", "compile", "checkpoint_grads"):
+        if getattr(args, flag, False):
+            values[flag] = True
     return values
 
 
@@ -66,17 +73,22 @@ def _clear_run(run_dir: Path) -> None:
 
 def train_run(config, resume: bool = False, overwrite: bool = False, callback=None):
     """Loads the data, builds the flow and calls :func:`~pushforward.train.fit`; returns ``(history, dataset, flow)``."""
+    from .distributed import setup
     from .experiment import build_flow, load_dataset
     from .train import fit
 
+    dist = setup(config.device)  # under torchrun: join the process group (fit uses it)
     if overwrite and not resume:
-        _clear_run(Path(config.run_dir))
+        if dist.is_main:
+            _clear_run(Path(config.run_dir))
+        dist.barrier()
     dataset = load_dataset(config)
     flow = build_flow(config, dataset)
     n_params = sum(p.numel() for p in flow.parameters())
     _print(f"training {config.recipe} ({n_params:,} parameters) on {dataset.name}: "
            f"{_n(dataset.train)} train / {_n(dataset.val)} val / {_n(dataset.test)} test examples -> {config.run_dir}")
     history = fit(flow, dataset.train, dataset.val, config, resume=resume, callback=callback)
+    dist.close()
     return history, dataset, flow
 
 
@@ -372,7 +384,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pushforward", description="Train, evaluate and sample normalizing flows.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a flow (exact maximum likelihood)")
+    t = sub.add_parser("train", help="train a flow (exact maximum likelihood)",
+                       description="Train a flow by exact maximum likelihood. Several processes (DDP): "
+                                   "torchrun --nproc-per-node N -m pushforward train ... (batch_size is the global "
+                                   "batch; see docs/scaling.md).")
     t.add_argument("--config", help="TOML file with TrainConfig keys ([model] table: recipe kwargs)")
     t.add_argument("--data", help="moons|8gaussians|checkerboard|...|digits|fashion-mnist|path/to/table.csv")
     t.add_argument("--run-dir", dest="run_dir", help="run directory (default runs/<data>)")
@@ -384,7 +399,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", dest="max_steps", type=int)
     t.add_argument("--recipe", help="nice|realnvp|realnvp_image|glow|...")
     t.add_argument("--seed", type=int)
-    t.add_argument("--device", help="auto|cpu|cuda|cuda:N")
+    t.add_argument("--device", help="auto|cpu|cuda|cuda:N|mps (auto: cuda if available, else cpu; "
+                   "under torchrun auto/cuda mean cuda:LOCAL_RANK)")
+    t.add_argument("--amp", action="store_true",
+                   help="bf16 autocast in the conditioner networks (log-dets and loss stay float32); for GPUs")
+    t.add_argument("--compile", action="store_true", help="train through torch.compile (after ActNorm's eager init)")
+    t.add_argument("--checkpoint-grads", dest="checkpoint_grads", action="store_true",
+                   help="gradient checkpointing: recompute each layer in the backward pass (less memory)")
     t.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     t.add_argument("--condition", choices=("label",),
                    help="label: a class-conditional image model p(x | label), the one-hot label as context")

@@ -59,7 +59,8 @@ class TrainConfig:
             path to a CSV table.
         recipe: a recipe of :mod:`pushforward.models` (``""``: the dataset's default).
         model: keyword arguments of the recipe; ``features`` / ``shape`` are filled in from the data.
-        batch_size: training batch size.
+        batch_size: training batch size; under ``torchrun`` the **global** batch, split evenly over
+            the processes (so it must be divisible by their number) and giving the same updates.
         eval_batch_size: batch size for validation and evaluation.
         lr: peak learning rate of Adam.
         lr_min: final learning rate of the cosine decay, as a fraction of ``lr``.
@@ -76,7 +77,8 @@ class TrainConfig:
         val_every: validate every this many steps (``0``: at the end of each epoch).
         seed: seeds the model initialisation, the data split, the shuffling and the dequantization.
         run_dir: where checkpoints, metrics and plots go (``""``: ``runs/<data>``).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+        device: ``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``;
+            under ``torchrun`` ``auto``/``cuda`` mean ``cuda:LOCAL_RANK``.
         threads: torch CPU threads (``0``: torch's default).
         n_train / n_val / n_test: sample counts for the 2-D toy densities.
         val_fraction / test_fraction: split fractions for tables (and digits).
@@ -89,6 +91,12 @@ class TrainConfig:
             ``q(u | x)`` (Flow++) trained jointly with the flow; the reported bits/dim is then
             the bound ``E_q[-log p(y) + log q(u | x)] + D log K`` in the same formula.
         dequantizer: keyword arguments of the variational dequantizer (``layers``, ``hidden_channels``).
+        amp: bf16 autocast in the conditioner networks; the transforms, their log-determinants, the
+            base density and the loss stay float32. Meant for GPUs; allowed on the CPU (where it is
+            usually slower), refused on MPS.
+        compile: train through ``torch.compile`` of the log-density (ActNorm is initialised eagerly first).
+        checkpoint_grads: gradient checkpointing: recompute each layer's activations in the backward
+            pass instead of storing them (less memory for deep image flows, about one more forward).
     """
 
     data: str = "moons"
@@ -121,6 +129,9 @@ class TrainConfig:
     condition: str = ""
     dequantization: str = "uniform"
     dequantizer: dict = field(default_factory=dict)
+    amp: bool = False
+    compile: bool = False
+    checkpoint_grads: bool = False
 
     def __post_init__(self) -> None:
         if self.condition not in CONDITIONS:

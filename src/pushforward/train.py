@@ -20,6 +20,21 @@ With ``config.dequantization = "variational"`` the flow carries a dequantizer ``
 with ``u ~ q(u | x)`` (one sample per image, seeded like the uniform noise), the same optimizer
 trains both, and the bits/dim formula is unchanged. With ``config.condition = "label"`` the one-hot
 label is passed as ``context``: the model is ``p(x | label)``.
+
+Several processes: under ``torchrun --nproc-per-node N -m pushforward train ...`` (see
+``docs/scaling.md``) ``fit`` joins the process group (NCCL on CUDA, gloo on the CPU; see
+:mod:`pushforward.distributed`) and trains with ``DistributedDataParallel``. ``batch_size`` is the
+**global** batch (it must be divisible by the number of processes): every rank draws the same
+permutation and the same dequantization noise for the global batch and takes its contiguous
+``batch_size / N`` slice, so the averaged gradient is that of the one-process run on the same batch.
+Losses and validation NLLs are summed over the ranks, so the decisions (early stopping, the
+best weights, Ctrl-C, the time budget) are the same on every rank; rank 0 alone writes the run
+directory (checkpoints hold nothing rank-specific, so a run resumes under any number of processes
+that divides the batch) and shows the progress bar. The variational dequantizer's noise is drawn
+per rank (seeded by the batch and the rank), so with it the runs with 1 and N processes are
+equally good but not identical. ``config.amp`` (bf16 autocast in the conditioner networks),
+``config.compile`` (``torch.compile`` of the log-density) and ``config.checkpoint_grads``
+(recompute activations in the backward pass) also come from :class:`pushforward.distributed.LossStep`.
 """
 
 from __future__ import annotations
@@ -45,6 +60,9 @@ from torch import Tensor
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig, config_from_dict, context_classes
 from .core import Flow
+from .distributed import Distributed, LossStep
+from .distributed import resolve_device as _resolve_device
+from .distributed import setup as setup_distributed
 from .io import atomic_write, save
 
 __all__ = [
@@ -84,9 +102,8 @@ def seed_from(*parts: int) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    return _resolve_device(name)
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -154,16 +171,28 @@ class _Data:
         return F.one_hot(self.labels[index], self.classes).to(dtype)
 
     def nll(self, flow: Flow, index: Tensor, seed: int, dtype: torch.dtype, device: torch.device,
-            variational: bool) -> Tensor:
+            variational: bool, shard: slice | None = None) -> Tensor:
         """Per-example training loss in nats (with gradients): ``-log p(y | c)``, plus ``log q(u | x)``
-        with the flow's variational dequantizer; the noise is seeded by ``seed``."""
+        with the flow's variational dequantizer; the noise is seeded by ``seed``.
+
+        ``shard``: this process's part of the global batch ``index``. The uniform noise is drawn for
+        the whole global batch and then sliced, so the shards together are the one-process batch;
+        the variational noise is drawn for the shard only, seeded by ``(seed, shard.start)``.
+        """
         context = self.context(index, dtype)
+        if context is not None and shard is not None:
+            context = context[shard]
         context = None if context is None else context.to(device)
         if variational:
+            if shard is not None:
+                index, seed = index[shard], seed_from(seed, shard.start)
             with _seeded(seed, device):
                 y, log_q = flow.dequantizer(self.images[index].to(device), dtype)
             return -flow.log_prob(y, context) + log_q
-        return -flow.log_prob(self.get(index, seed, dtype).to(device), context)
+        x = self.get(index, seed, dtype)
+        if shard is not None:
+            x = x[shard]
+        return -flow.log_prob(x.to(device), context)
 
     def bits_per_dim(self, nll: float) -> float | None:
         if self.levels is None:
@@ -216,6 +245,20 @@ def variational_negative_log_likelihood(flow: Flow, images: Tensor, batch_size: 
             log_q.append(lq.double().cpu())
     flow.train(was_training)
     return torch.cat(nll), torch.cat(log_q)
+
+
+def _sharded_mean_nll(flow: Flow, x: Tensor, context: Tensor | None, batch_size: int, device: torch.device,
+                      dist: Distributed) -> float:
+    """Mean NLL of ``x``, each process evaluating its part; the same figure on every rank."""
+    if not dist.enabled:
+        return float(negative_log_likelihood(flow, x, batch_size, device, context).mean())
+    part = dist.split(len(x))
+    xs, cs = x[part], (None if context is None else context[part])
+    if len(xs):
+        total = negative_log_likelihood(flow, xs, batch_size, device, cs).sum()
+    else:  # fewer examples than processes
+        total = torch.zeros((), dtype=torch.float64)
+    return float(dist.all_sum(total)) / len(x)
 
 
 def evaluate(flow: Flow, data: Any, batch_size: int = 1024, seed: int = 0, device: str = "auto",
@@ -300,10 +343,13 @@ def _write_metrics(run_dir: Path, rows: list[dict], append: dict | None) -> None
 class _Interrupt:
     """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: KeyboardInterrupt at once."""
 
-    def __init__(self, say: Callable[[str], None]):
+    def __init__(self, say: Callable[[str], None], grace: float = 0.0):
         self.requested = False
         self.say = say
         self.previous = None
+        # Under torchrun one Ctrl-C reaches a worker twice (from the terminal, then forwarded by the
+        # agent): a second SIGINT within `grace` seconds is the same request.
+        self.grace, self.first = grace, 0.0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -312,8 +358,10 @@ class _Interrupt:
 
     def _handle(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self.first < self.grace:
+                return
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.first = True, time.monotonic()
         self.say("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
@@ -350,7 +398,8 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
     out = Path(run_dir) if run_dir else (Path(config.run_dir) if config.run_dir else None)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    dist = setup_distributed(config.device)  # one process, or this rank of torchrun's group
+    device = dist.device
     flow.to(device)
     dtype = flow._dtype()
     classes = context_classes(config)
@@ -363,7 +412,10 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
         )
     if not variational and getattr(flow, "dequantizer", None) is not None:
         raise ValueError("this flow carries a variational dequantizer: train it with dequantization = 'variational'")
-    bs = min(config.batch_size, train.n)
+    bs = min(config.batch_size, train.n)  # the global batch: split over the processes
+    if bs % dist.world:
+        raise ValueError(f"batch_size {bs} is the global batch size; it must be divisible by the number of "
+                         f"processes ({dist.world})")
     steps_per_epoch = max(1, train.n // bs)
     total = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
     params = [p for p in flow.parameters() if p.requires_grad]
@@ -375,7 +427,8 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
     step, bad, best_state = 0, 0, None
     acc = {"nll_sum": 0.0, "count": 0, "gnorm_sum": 0.0, "steps": 0}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
         has_ckpt = (checkpoint_dir(out) / "state.json").exists()
         if resume:
             if not has_ckpt:
@@ -388,7 +441,8 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                 )
             step, bad, acc = record["step"], record["bad_validations"], record["accum"]
             hist.rows, hist.best_val_nll, hist.best_step = record["history"], record["best_val_nll"], record["best_step"]
-            _write_metrics(out, hist.rows, None)
+            if dist.is_main:
+                _write_metrics(out, hist.rows, None)
             if (out / "best.safetensors").exists():
                 from .io import load
 
@@ -399,9 +453,11 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                     f"{out} already holds a checkpoint; resume it (resume=True, --resume) or use another run_dir"
                 )
             for name in ("metrics.jsonl", "metrics.csv", "best.safetensors"):
-                (out / name).unlink(missing_ok=True)
+                if dist.is_main:
+                    (out / name).unlink(missing_ok=True)
         text = json.dumps({"train": config.to_dict(), "flow": flow.config}, indent=1)
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+        if dist.is_main:
+            atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
     elif resume:
         raise ValueError("resume needs a run_dir")
     if not resume:
@@ -418,18 +474,18 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
         }
 
     def checkpoint() -> None:
-        if out is not None:
+        if out is not None and dist.is_main:
             save_checkpoint(out, flow, optimizer, state())
 
     def validate() -> dict[str, Any]:
         nonlocal bad, best_state, acc
         log_q = None
-        if variational:  # the bound, with one seeded u ~ q(u | x) per image
+        if variational:  # the bound, with one seeded u ~ q(u | x) per image (every rank: the whole set)
             nll_y, log_q = variational_negative_log_likelihood(
                 flow, val.images, config.eval_batch_size, device, seed_from(config.seed, 1), c_val)
             nll = float((nll_y + log_q).mean())
         else:
-            nll = float(negative_log_likelihood(flow, x_val, config.eval_batch_size, device, c_val).mean())
+            nll = _sharded_mean_nll(flow, x_val, c_val, config.eval_batch_size, device, dist)
         if not math.isfinite(nll):
             raise NonFiniteLossError(
                 f"validation NLL is {nll} after step {step}; stopped without saving"
@@ -452,18 +508,20 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
         if improved:
             hist.best_val_nll, hist.best_step, bad = nll, step, 0
             best_state = {k: v.detach().clone().cpu() for k, v in flow.state_dict().items()}
-            if out is not None:
+            if out is not None and dist.is_main:
                 save(flow, out / "best.safetensors")
         else:
             bad += 1
         hist.rows.append(row)
         acc = {"nll_sum": 0.0, "count": 0, "gnorm_sum": 0.0, "steps": 0}
-        if out is not None:
+        if out is not None and dist.is_main:
             _write_metrics(out, hist.rows, row)
         return row
 
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not config.progress, mininterval=0.5,
-               desc=f"train {config.data}", leave=True)
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not (config.progress and dist.is_main),
+               mininterval=0.5, desc=f"train {config.data}", leave=True)
+    say = bar.write if dist.is_main else (lambda msg: None)
+    step_fn = LossStep(flow, dist, amp=config.amp, compile=config.compile, checkpoint_grads=config.checkpoint_grads)
     t0 = time.monotonic()
     since_val = [t0, 0]  # throughput since the last validation (this invocation only)
     perm, perm_epoch, updating, last_val_step = None, -1, False, (hist.rows[-1]["step"] if hist.rows else -1)
@@ -471,7 +529,7 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
     reason = ""
     flow.train()
     try:
-        with _Interrupt(bar.write) as interrupt:
+        with _Interrupt(say, grace=2.0 if dist.enabled else 0.0) as interrupt:
             while True:
                 if step >= total:
                     reason = "completed"
@@ -481,11 +539,14 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                     g = torch.Generator().manual_seed(seed_from(config.seed, 0, epoch))
                     perm, perm_epoch = torch.randperm(train.n, generator=g), epoch
                 idx = perm[pos * bs : (pos + 1) * bs]
-                nll = train.nll(flow, idx, seed_from(config.seed, 3, epoch, pos), dtype, device, variational)
+                # this rank's share of the global batch (DDP averages the gradients over the ranks)
+                nll = step_fn(train.nll, idx, seed_from(config.seed, 3, epoch, pos), dtype, device, variational,
+                              dist.shard(bs) if dist.enabled else None)
                 loss = nll.mean() / train.dims
-                if not bool(torch.isfinite(loss)):
+                batch_nll = float(dist.all_sum(nll.detach().sum())) / len(idx)  # global batch, every rank
+                if not math.isfinite(batch_nll):
                     raise NonFiniteLossError(
-                        f"non-finite training loss ({loss.item()}) at step {step + 1} (epoch {epoch}); "
+                        f"non-finite training loss ({batch_nll / train.dims}) at step {step + 1} (epoch {epoch}); "
                         "stopped without saving" + (f", the last good checkpoint in {out} is untouched" if out else "")
                         + "; try a lower lr or a smaller clip"
                     )
@@ -506,8 +567,7 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                 optimizer.step()
                 step += 1
                 updating = False
-                nll = nll.detach()
-                acc["nll_sum"] += float(nll.sum())
+                acc["nll_sum"] += batch_nll * len(idx)
                 acc["count"] += len(idx)
                 acc["gnorm_sum"] += float(gnorm)
                 acc["steps"] += 1
@@ -516,9 +576,9 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                 bar.update(1)
                 if step % 10 == 0 or step == total:
                     now = time.monotonic()
-                    post = {"nll": f"{float(nll.mean()):.3f}"}
+                    post = {"nll": f"{batch_nll:.3f}"}
                     if train.levels is not None:
-                        post["bpd"] = f"{train.bits_per_dim(float(nll.mean())):.3f}"
+                        post["bpd"] = f"{train.bits_per_dim(batch_nll):.3f}"
                     post["samples/s"] = f"{window[1] / max(1e-9, now - window[0]):.0f}"
                     if hist.best_val_nll is not None:
                         best = val.bits_per_dim(hist.best_val_nll) if val.levels else hist.best_val_nll
@@ -526,7 +586,12 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                     bar.set_postfix(post, refresh=False)
                     window[:] = [now, 0]
                 if callback is not None:
-                    callback(step, float(loss.detach()), flow)
+                    try:
+                        callback(step, batch_nll / train.dims, flow)
+                    except KeyboardInterrupt:
+                        if not dist.enabled:
+                            raise
+                        interrupt.requested = True  # stop all ranks together, after this step
                 end_epoch = step % steps_per_epoch == 0
                 due = step % config.val_every == 0 if config.val_every > 0 else end_epoch
                 if due or step == total:
@@ -537,13 +602,16 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
                     msg = f"step {step}: val NLL {row['val_nll']:.4f}"
                     if "val_bpd" in row:
                         msg += f" ({row['val_bpd']:.4f} bits/dim)"
-                    bar.write(msg + (" *" if row["best"] else ""))
+                    say(msg + (" *" if row["best"] else ""))
                     if config.patience > 0 and bad >= config.patience:
                         reason = "early_stopping"
                         break
+                out_of_time = config.max_minutes > 0 and time.monotonic() - t0 > 60 * config.max_minutes
+                # any rank's Ctrl-C or clock stops every rank at this same step
+                interrupt.requested, out_of_time = dist.any(interrupt.requested, out_of_time)
                 if interrupt.requested:
                     raise KeyboardInterrupt
-                if config.max_minutes > 0 and time.monotonic() - t0 > 60 * config.max_minutes:
+                if out_of_time:
                     if last_val_step != step:
                         validate()
                         last_val_step = step
@@ -553,13 +621,15 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
     except KeyboardInterrupt:
         reason = "interrupted"
         if updating:
-            bar.write(f"interrupted inside an optimizer step; no checkpoint written at step {step}")
+            say(f"interrupted inside an optimizer step; no checkpoint written at step {step}")
         else:
             checkpoint()
     finally:
         bar.close()
+        step_fn.close()
     hist.stop_reason, hist.step = reason, step
     if config.restore_best and best_state is not None:
         flow.load_state_dict({k: v.to(device) for k, v in best_state.items()})
     flow.eval()
+    dist.close()  # waits for rank 0's last checkpoint; ends a process group that fit started
     return hist
