@@ -67,6 +67,12 @@ def glow_flow():
     return models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4)
 
 
+def variational_flow():
+    torch.manual_seed(0)
+    image_flow = models.realnvp_image((1, 8, 8), levels=2, hidden_channels=4, blocks=1)
+    return models.dequantized(image_flow.config, levels=17, layers=2, hidden_channels=4)
+
+
 def config(run_dir, **kw):
     values = {"data": "moons", "batch_size": 32, "lr": 5e-3, "warmup_steps": 2, "max_steps": 6, "val_every": 3,
               "patience": 0, "progress": False, "seed": 3, "clip": 5.0, "threads": 1, "restore_best": False,
@@ -114,6 +120,10 @@ def _scenario(scenario: str, rank: int, out: Path) -> None:
         # a one-process checkpoint (written by the test before spawning) resumed with two processes
         h = fit(moons_flow(), *moons(), config(out / "resumed_by_ddp", max_steps=12, val_every=4), resume=True)
         summary["resumed_by_ddp"] = [h.stop_reason, h.step]
+        # variational dequantization: per-rank noise, but q(u|x)'s gradients are averaged like the flow's
+        flow = variational_flow()
+        fit(flow, *images(), config("", data="digits", batch_size=16, max_steps=3, dequantization="variational"))
+        torch.save(flow.state_dict(), out / f"variational{rank}.pt")
         try:  # the global batch must split evenly
             fit(moons_flow(), *moons(), config("", batch_size=15))
         except ValueError as e:
@@ -260,6 +270,15 @@ def test_one_process_checkpoint_resumes_under_ddp(ddp_runs):
     assert_same_weights(checkpoint_tensors(ddp_runs / "resumed_by_ddp")[0],
                         checkpoint_tensors(ddp_runs / "moons_reference" / "single")[0], atol=1e-5)
     assert all("divisible by the number of processes (2)" in s["odd_batch"] for s in summaries)
+
+
+def test_variational_dequantizer_stays_in_sync_across_ranks(ddp_runs):
+    ranks = [torch.load(ddp_runs / f"variational{r}.pt") for r in range(WORLD)]
+    assert any(k.startswith("dequantizer.") for k in ranks[0])
+    before = variational_flow().state_dict()
+    for k, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][k]), k  # the noise differs per rank, the weights may not
+    assert any(not torch.equal(v, before[k]) for k, v in ranks[0].items() if k.startswith("dequantizer."))
 
 
 def test_a_worker_killed_while_saving_leaves_the_last_checkpoint_intact(ddp_runs):

@@ -1,0 +1,183 @@
+"""Training throughput with 1 and 2 processes (``torchrun`` + DDP on gloo), one thread per process.
+
+Each measurement is a fresh ``torchrun --standalone --nproc-per-node N`` launch of this script in
+``--worker`` mode, which runs the real training loop (:func:`pushforward.train.fit`, the dataset's
+default recipe and global batch size) and times ``--steps`` optimizer steps after ``--warmup`` steps
+with a callback (no validation or checkpoint falls inside the window; every step includes DDP's
+gradient all-reduce and the loop's two small all-reduces). The candidates are
+
+* ``1 process x 1 thread`` (launched by torchrun too, so ``WORLD_SIZE=1``: the plain loop),
+* ``2 processes x 1 thread`` (DDP, the same global batch split in two),
+* ``1 process x 2 threads`` (for reference: the other way to use two cores),
+
+run round-robin (the order rotates every round) and reported as the median samples/s over the
+rounds, with the slowest and fastest round. The 1-minute load average before each round is
+recorded, because a busy machine starves the 2-process run first.
+
+Usage::
+
+    python bench/ddp_throughput.py                 # 5 rounds (~10 min on 2 cores), writes BENCHMARKS.md
+    python bench/ddp_throughput.py --quick         # 1 round of a few steps, no write (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench.common` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: task -> (data set, recipe, steps timed, warm-up steps); recipe and batch size are the data set's defaults
+TASKS = {
+    "moons realnvp": ("moons", "realnvp", 150, 15),
+    "digits realnvp_image": ("digits", "realnvp_image", 150, 15),
+}
+#: candidate -> (processes, threads per process)
+CANDIDATES = {
+    "1 process x 1 thread": (1, 1),
+    "2 processes x 1 thread": (2, 1),
+    "1 process x 2 threads": (1, 2),
+}
+
+
+# -- worker (one torchrun rank) -------------------------------------------------------------------------
+def worker(args) -> None:
+    import torch
+
+    from pushforward.config import resolve_config
+    from pushforward.experiment import build_flow, load_dataset
+    from pushforward.train import fit
+
+    total = args.warmup + args.steps
+    config = resolve_config({}, {"data": args.data, "recipe": args.recipe, "threads": args.threads,
+                                 "max_steps": total, "val_every": total, "patience": 0, "progress": False,
+                                 "run_dir": "", "restore_best": False, "device": "cpu"})
+    dataset = load_dataset(config)
+    flow = build_flow(config, dataset)
+    marks: dict[int, tuple[float, float]] = {}
+
+    def clock(step, loss, flow):
+        if step in (args.warmup, total):
+            marks[step] = (time.perf_counter(), time.process_time())
+
+    fit(flow, dataset.train, dataset.val, config, callback=clock)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.out).write_text(json.dumps({
+            "seconds": marks[total][0] - marks[args.warmup][0], "cpu_seconds": marks[total][1] - marks[args.warmup][1],
+            "steps": args.steps, "batch_size": config.batch_size,
+            "world": int(os.environ.get("WORLD_SIZE", "1")), "threads": torch.get_num_threads(),
+        }))
+
+
+# -- driver ---------------------------------------------------------------------------------------------
+def launch(task: str, processes: int, threads: int, steps: int, warmup: int) -> dict:
+    data, recipe, _, _ = TASKS[task]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               os.path.abspath(__file__), "--worker", "--data", data, "--recipe", recipe, "--threads", str(threads),
+               "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--recipe", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=0, help="timed steps per run (default: per task)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: per task)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="1 round of 10 steps; prints, does not write")
+    p.add_argument("--no-write", dest="write", action="store_false", help="print only, leave BENCHMARKS.md")
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from bench.common import (
+        Stats,
+        command_line,
+        library_revision,
+        machine_line,
+        markdown_table,
+        write_section,
+    )
+
+    if args.quick:
+        args.rounds, args.steps, args.warmup, args.write = 1, 10, 3, False
+    stats = {(t, c): Stats() for t in TASKS for c in CANDIDATES}
+    busy = {(t, c): Stats() for t in TASKS for c in CANDIDATES}  # rank 0's CPU time / wall time
+    batch, loads = {}, []
+    names = list(CANDIDATES)
+    t_start = time.monotonic()
+    for r in range(args.rounds):
+        loads.append(os.getloadavg()[0])
+        for task, (_, _, steps, warmup) in TASKS.items():
+            k = r % len(names)
+            for cand in names[k:] + names[:k]:
+                processes, threads = CANDIDATES[cand]
+                res = launch(task, processes, threads, args.steps or steps, args.warmup or warmup)
+                samples = res["steps"] * res["batch_size"]
+                stats[task, cand].values.append(res["seconds"] / samples)  # seconds per sample
+                busy[task, cand].values.append(res["cpu_seconds"] / res["seconds"])
+                batch[task] = res["batch_size"]
+                print(f"round {r + 1}/{args.rounds} {task:22s} {cand:24s} {samples / res['seconds']:9,.0f} samples/s"
+                      f" (load {os.getloadavg()[0]:.1f})", flush=True)
+    minutes = (time.monotonic() - t_start) / 60
+
+    two, one = "2 processes x 1 thread", "1 process x 1 thread"
+    rows = []
+    for task in TASKS:
+        speedup = stats[task, one].median / stats[task, two].median
+        rows.append([task, batch[task], *(stats[task, c].rate(1) for c in CANDIDATES), f"{speedup:.2f}x"])
+    headers = ["task (dataset default recipe)", "global batch", *(f"{c} (samples/s)" for c in CANDIDATES),
+               "2 processes / 1 process"]
+    busy_rows = [[task, *(f"{busy[task, c].median:.2f}" for c in CANDIDATES)] for task in TASKS]
+    text = "\n".join([
+        "## Data-parallel training: 1 vs 2 processes (torchrun + DDP, gloo)",
+        "",
+        "Samples per second of the real training loop (`pushforward.train.fit`: forward, backward, DDP's",
+        "gradient all-reduce, clipping, Adam), median over rounds (slowest-fastest round in brackets). The",
+        "global batch is the data set's default and is the same for every candidate: with 2 processes each",
+        "computes half of it. Every run is a fresh `torchrun --standalone` launch; the candidates alternate",
+        f"round by round. {args.rounds} rounds, {minutes:.0f} min in all.",
+        "",
+        markdown_table(headers, rows),
+        "",
+        "CPU time of rank 0's process per second of wall time in the timed window (median; 1 thread",
+        "busy all the time = 1.00; 2 threads up to 2.00). Below 1 with 2 processes: waiting for the other",
+        "rank in the all-reduce, or for a core held by another job.",
+        "",
+        markdown_table(["task", *CANDIDATES], busy_rows),
+        "",
+        (f"1-minute load average at the start of each round: {', '.join(f'{v:.1f}' for v in loads)} "
+         f"(on {os.cpu_count()} logical cores; other jobs share this machine, so a load above the core "
+         "count means the processes were competing for CPU time)."),
+        "",
+        f"- Machine: {machine_line()}",
+        f"- Library: {library_revision()}",
+        f"- Command: `{command_line()}`",
+        ("- Reproduce one figure by hand: `OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 "
+         "-m pushforward train --data moons --set threads=1` (the progress bar shows samples/s)."),
+    ])
+    print("\n" + text)
+    if args.write:
+        print(f"wrote {write_section('ddp-throughput', text)}")
+
+
+if __name__ == "__main__":
+    main()
