@@ -102,7 +102,7 @@ def test_bad_constructor_arguments():
         Compose(LeakyReLU(), torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="mask must be one of"):
         models.realnvp(2, mask="diagonal")
-    with pytest.raises(ValueError, match="unknown recipe 'glo'; known recipes: glow"):
+    with pytest.raises(ValueError, match="unknown recipe 'glo'; known recipes: .*glow, .*realnvp"):
         models.build({"recipe": "glo", "kwargs": {}})
 
 
@@ -110,3 +110,19 @@ def test_missing_context():
     flow = models.realnvp(2, layers=1, hidden=(8,), context_features=3)
     with pytest.raises(ValueError, match="built for a context of 3 features; got none"):
         flow.log_prob(torch.randn(4, 2))
+
+
+def test_validation_can_be_switched_off_globally():
+    import pushforward as pf
+
+    flow = models.realnvp(2, layers=1, hidden=(8,))
+    x = torch.randn(3, 2)
+    x[0, 0] = float("nan")
+    pf.set_validation(False)
+    try:
+        assert torch.isnan(flow.log_prob(x)[0])  # no check, the NaN propagates
+        Logit(0.05)(torch.tensor([[1.5]]))  # no domain check either
+    finally:
+        pf.set_validation(True)
+    with pytest.raises(ValueError, match="non-finite"):
+        flow.log_prob(x)

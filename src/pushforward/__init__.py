@@ -5,7 +5,7 @@
 
 from . import distributions, models, nn, transforms
 from . import vae  # registers the "vae" recipe (the lecture's baseline)
-from .core import Compose, Flow, FlowDistribution, Inverse, Transform
+from .core import Compose, Flow, FlowDistribution, Inverse, Transform, set_validation
 from .distributions import DiagonalNormal, GaussianMixture, StandardNormal
 from .io import load, save
 
@@ -13,5 +13,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Compose", "DiagonalNormal", "Flow", "GaussianMixture", "FlowDistribution", "Inverse", "StandardNormal", "Transform",
-    "distributions", "load", "models", "nn", "save", "transforms", "vae",
+    "distributions", "load", "set_validation", "models", "nn", "save", "transforms", "vae",
 ]

@@ -18,7 +18,24 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-__all__ = ["Transform", "Inverse", "Compose", "Flow", "FlowDistribution", "sum_event"]
+__all__ = ["Transform", "Inverse", "Compose", "Flow", "FlowDistribution", "sum_event", "set_validation",
+           "validation_enabled"]
+
+_VALIDATION = True
+
+
+def set_validation(enabled: bool) -> None:
+    """Switches every input check of pushforward on or off (flows, domains of pointwise transforms).
+
+    Checks cost a host synchronisation per call; they are skipped under ``torch.compile`` anyway.
+    """
+    global _VALIDATION
+    _VALIDATION = bool(enabled)
+
+
+def validation_enabled() -> bool:
+    """Whether input checks run now (enabled, and not tracing under ``torch.compile``)."""
+    return _VALIDATION and not torch.compiler.is_compiling()
 
 
 def sum_event(x: Tensor, event_dim: int) -> Tensor:
@@ -122,7 +139,7 @@ class Flow(nn.Module):
         base: the base density ``p_z`` (see :mod:`pushforward.distributions`).
         embedding: optional module applied once to ``context`` before any transform sees it.
         validate: check inputs (shape, dtype, finiteness) with clear errors; skipped under
-            ``torch.compile``.
+            ``torch.compile`` and when :func:`set_validation` switched all checks off.
 
     ``flow(context)`` returns a genuine :class:`torch.distributions.Distribution`.
 
@@ -198,7 +215,7 @@ class Flow(nn.Module):
     # -- the model ---------------------------------------------------------------------------
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``log p(x) = log p_z(f(x)) + log|det Df(x)|``; shape ``(*batch,)``."""
-        if self.validate and not torch.compiler.is_compiling():
+        if self.validate and validation_enabled():
             self._check(x, context, "log_prob")
         context = self._context(context)
         x, context, batch = self._flatten(x, context)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import Compose
+from .core import Compose, validation_enabled
 from .distributions import StandardNormal
 from .nn import ConvNet
 from .transforms import AffineKernel, ChannelMask, CheckerboardMask, Coupling, Logit
@@ -32,7 +32,7 @@ __all__ = ["UniformDequantizer", "VariationalDequantizer"]
 def _check_levels(x: Tensor, levels: int) -> None:
     if x.is_floating_point() or x.is_complex():
         raise TypeError(f"dequantization expects integer data in [0, {levels - 1}], got {x.dtype}")
-    if not torch.compiler.is_compiling() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= levels):
+    if validation_enabled() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= levels):
         raise ValueError(
             f"dequantization expects integers in [0, {levels - 1}], got values in [{int(x.min())}, {int(x.max())}]"
         )

@@ -104,10 +104,13 @@ class IndexMask(Mask):
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
         dim = x.dim() - self.event_dim
+        # one split node: its backward is a single cat (two narrows would each pad with zeros)
         if self._first == "cond":
-            return x.narrow(dim, 0, self.in_features), x.narrow(dim, self.in_features, self.out_features)
+            x_a, x_b = x.split([self.in_features, self.out_features], dim)
+            return x_a, x_b
         if self._first == "trans":
-            return x.narrow(dim, self.out_features, self.in_features), x.narrow(dim, 0, self.out_features)
+            x_b, x_a = x.split([self.out_features, self.in_features], dim)
+            return x_a, x_b
         return x.index_select(dim, self.cond_index), x.index_select(dim, self.trans_index)
 
     def merge(self, x_a: Tensor, y_b: Tensor) -> Tensor:
@@ -221,7 +224,7 @@ class AffineKernel:
 
     def forward(self, x: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
         s, t = self._scale_shift(params, dim)
-        return x * s.exp() + t, s
+        return torch.addcmul(t, x, s.exp()), s
 
     def inverse(self, y: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
         s, t = self._scale_shift(params, dim)

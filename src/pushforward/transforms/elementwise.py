@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Transform, sum_event
+from ..core import Transform, sum_event, validation_enabled
 
 __all__ = ["LeakyReLU", "Sigmoid", "Logit", "Tanh", "ElementwiseAffine", "ActNorm"]
 
@@ -33,7 +33,7 @@ class _Pointwise(Transform):
         raise NotImplementedError
 
     def _check_domain(self, x: Tensor, low: float, high: float, closed: bool, what: str) -> None:
-        if torch.compiler.is_compiling():
+        if not validation_enabled():
             return
         bad = (x < low) | (x > high) if closed else (x <= low) | (x >= high)
         if bool(bad.any()):
@@ -110,7 +110,8 @@ class Logit(_Pointwise):
     def _f(self, x):
         self._check_domain(x, 0.0, 1.0, closed=True, what="forward")
         s = self.alpha + (1 - 2 * self.alpha) * x
-        return torch.log(s) - torch.log1p(-s), self._log_scale - torch.log(s) - torch.log1p(-s)
+        log_s, log_1ms = torch.log(s), torch.log1p(-s)
+        return log_s - log_1ms, self._log_scale - log_s - log_1ms
 
     def _finv(self, z):
         x = (torch.sigmoid(z) - self.alpha) / (1 - 2 * self.alpha)
