@@ -175,10 +175,12 @@ def test_logit_gaussian_decoder_is_a_density_on_the_unit_interval():
     with torch.no_grad():
         density = model._log_px_z(t, ladj, torch.zeros(1, len(y), 1, dtype=torch.float64), None)[0].exp()
     mass = float(torch.trapezoid(density, y.reshape(-1)))
-    loc, log_scale = model.decode(torch.zeros(1, 1, dtype=torch.float64))
+    with torch.no_grad():
+        loc, log_scale = model.decode(torch.zeros(1, 1, dtype=torch.float64))
     normal = torch.distributions.Normal(loc.reshape(()), log_scale.exp().reshape(()))
     lo, hi = math.log(0.05 / 0.95), math.log(0.95 / 0.05)  # logit(alpha), logit(1 - alpha)
-    expected = float(normal.cdf(torch.tensor(hi, dtype=torch.float64)) - normal.cdf(torch.tensor(lo, dtype=torch.float64)))
+    with torch.no_grad():
+        expected = float(normal.cdf(torch.tensor(hi, dtype=torch.float64)) - normal.cdf(torch.tensor(lo, dtype=torch.float64)))
     assert abs(mass - expected) < 1e-6 and mass <= 1
 
 
@@ -232,7 +234,8 @@ def test_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--data", "moons", "--run-dir", str(out), "--max-steps", "30", "--no-progress",
             "--set", "n_train=600", "--set", "n_val=200", "--set", "n_test=300", "--set", "batch_size=100",
-            "--set", "warmup_steps=5", "--flow-set", "model.layers=2", "--flow-set", "model.hidden=[16,16]",
+            "--set", "warmup_steps=5", "--set", "val_every=15", "--flow-set", "model.layers=2",
+            "--flow-set", "model.hidden=[16,16]",
             "--ks", "1,10,100", "--eval-n", "150"]
     assert main(args) == 0
     for name in ("report.md", "compare.json", "samples.png", "bound.png"):
@@ -265,10 +268,23 @@ def test_compare_end_to_end(tmp_path, capsys):
 def test_compare_digits_images_in_bits_per_dim(tmp_path):
     out = tmp_path / "d"
     assert main(["compare", "--data", "digits", "--run-dir", str(out), "--max-steps", "10", "--no-progress",
-                 "--set", "max_train=128", "--set", "batch_size=32", "--set", "warmup_steps=2",
+                 "--set", "max_train=128", "--set", "batch_size=32", "--set", "warmup_steps=2", "--set", "val_every=5",
                  "--flow-set", "model.hidden_channels=8", "--ks", "1,10", "--eval-n", "40"]) == 0
     result = json.loads((out / "compare.json").read_text())
     assert result["levels"] == 17 and result["vae"]["arch"] == "conv"
     for key in ("flow_nll", "neg_elbo", "neg_iwae_10"):
         assert 0 < result["scores"][key]["bpd"] < 10
     assert png(out / "samples.png") and png(out / "bound.png")
+
+
+def test_compare_matched_wall_clock(tmp_path):
+    out = tmp_path / "t"
+    assert main(["compare", "--data", "moons", "--run-dir", str(out), "--match", "time", "--minutes", "0.04",
+                 "--no-progress", "--set", "n_train=600", "--set", "n_val=200", "--set", "n_test=200",
+                 "--set", "batch_size=100", "--set", "warmup_steps=5", "--flow-set", "model.layers=2",
+                 "--flow-set", "model.hidden=[16,16]", "--vae-set", "model.hidden=[16,16]", "--ks", "1,10",
+                 "--eval-n", "100"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["match"] == "time" and "wall-clock" in result["match_description"]
+    for who in ("flow", "vae"):  # each trained for about its budget (calibrated steps, then the time limit)
+        assert result[who]["steps"] >= 1 and result[who]["train_seconds"] < 60
