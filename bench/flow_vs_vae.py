@@ -100,7 +100,8 @@ def run_case(case: Case, root: str, log) -> dict:
     code = cli_main(argv)
     if code != 0:
         raise RuntimeError(f"pushforward compare failed for {case.name} (exit {code})")
-    result = json.loads(open(os.path.join(run_dir, "compare.json")).read())
+    with open(os.path.join(run_dir, "compare.json")) as f:
+        result = json.load(f)
     result["case"] = case.name
     result["wall_s"] = time.monotonic() - t0
     result["reproduce"] = "pushforward " + shlex.join(case.argv(f"runs/compare/{os.path.basename(run_dir)}"))
@@ -149,18 +150,18 @@ def report(results: list[dict], command: str, revision: str, elapsed: float, loa
     lines = [
         "## Flows versus VAEs (`bench/flow_vs_vae.py`)",
         "",
-        f"`{command}` — {machine_line()}; library git {revision}; total {elapsed / 60:.1f} min, "
-        f"load average {load[0]:.1f} at the start and {load[1]:.1f} at the end (the machine is shared: "
-        "wall-clock times and speeds are noisy).",
+        (f"`{command}` — {machine_line()}; library git {revision}; total {elapsed / 60:.1f} min, "
+         f"load average {load[0]:.1f} at the start and {load[1]:.1f} at the end (the machine is shared: "
+         "wall-clock times and speeds are noisy)."),
         "",
-        "Each row is one `pushforward compare` run: a flow (the data set's default recipe) and a VAE "
-        "(`pushforward.vae`: Gaussian encoder; Gaussian decoder for 2-D points, a Gaussian in the flows' "
-        "logit space with the logit's log-determinant counted for dequantized images, so both models are "
-        "scored in nats of the same `y`, and in bits/dim of the same discrete images). `params` rows: the VAE's "
-        "width is matched to the flow's parameter count and both train for the same number of steps; the "
-        "`time` row: default sizes, equal wall-clock minutes. All numbers are means ± standard error over the "
-        "same test examples with the same dequantization noise. The flow's NLL is exact; the VAE's `-ELBO` "
-        "and `-IWAE_k` are upper bounds on its NLL that tighten with k (IWAE_1 has the ELBO's expectation).",
+        ("Each row is one `pushforward compare` run: a flow (the data set's default recipe) and a VAE "
+         "(`pushforward.vae`: Gaussian encoder; Gaussian decoder for 2-D points, a Gaussian in the flows' "
+         "logit space with the logit's log-determinant counted for dequantized images, so both models are "
+         "scored in nats of the same `y`, and in bits/dim of the same discrete images). `params` rows: the VAE's "
+         "width is matched to the flow's parameter count and both train for the same number of steps; the "
+         "`time` row: default sizes, equal wall-clock minutes. All numbers are means ± standard error over the "
+         "same test examples with the same dequantization noise. The flow's NLL is exact; the VAE's `-ELBO` "
+         "and `-IWAE_k` are upper bounds on its NLL that tighten with k (IWAE_1 has the ELBO's expectation)."),
         "",
         scores,
         "",

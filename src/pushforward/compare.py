@@ -384,8 +384,10 @@ def _report(result: dict) -> str:
     lines.append(f"| model | `{f['recipe']}` | `vae` ({v['arch']}, latent {v['latent']}) |")
     lines.append(f"| parameters | {f['parameters']:,} | {v['parameters']:,} |")
     lines.append(f"| training steps | {f.get('steps', '-')} | {v.get('steps', '-')} |")
-    t = lambda d: f"{d['train_seconds']:.1f}" if d.get("train_seconds") is not None else "-"  # noqa: E731
-    lines.append(f"| training time (s) | {t(f)} | {t(v)} |")
+    def seconds(d: dict) -> str:
+        return f"{d['train_seconds']:.1f}" if d.get("train_seconds") is not None else "-"
+
+    lines.append(f"| training time (s) | {seconds(f)} | {seconds(v)} |")
     lines.append(f"| sampling speed (samples/s) | {f['samples_per_s']:,.0f} | {v['samples_per_s']:,.0f} |")
     for unit in units:
         name = "bits/dim" if unit == "bpd" else "nats"
@@ -412,10 +414,10 @@ def _report(result: dict) -> str:
         lines.append(row)
     lines += [
         "",
-        "Reading the numbers: the flow's NLL is exact (up to the test sample). The VAE's `-ELBO` and "
-        "`-IWAE_k` are upper bounds on its NLL in expectation; `-IWAE_k` decreases towards the VAE's "
-        f"true NLL as k grows, so the VAE's NLL is at most about `-IWAE_{kmax}`. "
-        f"`IWAE_{kmax} - ELBO` is a lower bound on the ELBO's gap to the VAE's log-likelihood.",
+        ("Reading the numbers: the flow's NLL is exact (up to the test sample). The VAE's `-ELBO` and "
+         "`-IWAE_k` are upper bounds on its NLL in expectation; `-IWAE_k` decreases towards the VAE's "
+         f"true NLL as k grows, so the VAE's NLL is at most about `-IWAE_{kmax}`. "
+         f"`IWAE_{kmax} - ELBO` is a lower bound on the ELBO's gap to the VAE's log-likelihood."),
         "",
         "![samples](samples.png)",
         "",

@@ -49,11 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .core import validation_enabled
 from .models import recipe
 from .nn import MLP, ResNet
 from .transforms import Logit
 
-__all__ = ["VAE", "vae", "default_latent", "default_levels"]
+__all__ = ["VAE", "default_latent", "default_levels", "vae"]
 
 _LOG_2PI = math.log(2 * math.pi)
 LIKELIHOODS = ("gaussian", "logit_gaussian")
@@ -244,7 +245,7 @@ class VAE(nn.Module):
         ``reconstruction = E_q[log p(x | z)]`` estimated with ``samples`` reparameterised draws
         (differentiable), ``kl = KL(q(z | x) || N(0, I))`` in closed form, ``elbo = reconstruction - kl``.
         """
-        if not torch.compiler.is_compiling():
+        if validation_enabled():
             self._check(x, context, "elbo")
         t, ladj = self.encoder_input(x)
         mu, log_sigma = self._encode_t(t, context)
@@ -262,7 +263,7 @@ class VAE(nn.Module):
         """
         if k < 1:
             raise ValueError(f"iwae needs k >= 1, got {k}")
-        if not torch.compiler.is_compiling():
+        if validation_enabled():
             self._check(x, context, "iwae")
         chunk = max(1, min(k, chunk or self.default_chunk(x.shape[0])))
         t, ladj = self.encoder_input(x)
@@ -357,7 +358,7 @@ def vae(event_shape: Sequence[int], latent: int = 0, arch: str = "auto", hidden:
     if arch == "conv":
         if not image:
             raise ValueError(f"arch 'conv' needs images (C, H, W), got event shape {event_shape}")
-        c, h, w = event_shape
+        _, h, w = event_shape
         levels = default_levels(h, w) if levels < 0 else levels
         if h % (1 << levels) or w % (1 << levels):
             raise ValueError(f"vae downsamples {levels} time(s), so height and width must be divisible by "
