@@ -8,7 +8,7 @@ gradient all-reduce and the loop's two small all-reduces). The candidates are
 
 * ``1 process x 1 thread`` (launched by torchrun too, so ``WORLD_SIZE=1``: the plain loop),
 * ``2 processes x 1 thread`` (DDP, the same global batch split in two),
-* ``1 process x 2 threads`` (for reference: the other way to use two cores),
+* with ``--with-threads``, also ``1 process x 2 threads`` (the other way to use two cores),
 
 run round-robin (the order rotates every round) and reported as the median samples/s over the
 rounds, with the slowest and fastest round. The 1-minute load average before each round is
@@ -16,7 +16,7 @@ recorded, because a busy machine starves the 2-process run first.
 
 Usage::
 
-    python bench/ddp_throughput.py                 # 5 rounds (~10 min on 2 cores), writes BENCHMARKS.md
+    python bench/ddp_throughput.py                 # 5 rounds (~10 min on 2 idle cores), writes BENCHMARKS.md
     python bench/ddp_throughput.py --quick         # 1 round of a few steps, no write (smoke test)
 """
 
@@ -36,15 +36,15 @@ if __package__ in (None, ""):  # run as a script: make `bench.common` importable
 
 #: task -> (data set, recipe, steps timed, warm-up steps); recipe and batch size are the data set's defaults
 TASKS = {
-    "moons realnvp": ("moons", "realnvp", 150, 15),
-    "digits realnvp_image": ("digits", "realnvp_image", 150, 15),
+    "moons realnvp": ("moons", "realnvp", 100, 10),
+    "digits realnvp_image": ("digits", "realnvp_image", 50, 10),
 }
 #: candidate -> (processes, threads per process)
 CANDIDATES = {
     "1 process x 1 thread": (1, 1),
     "2 processes x 1 thread": (2, 1),
-    "1 process x 2 threads": (1, 2),
 }
+THREADS_CANDIDATE = {"1 process x 2 threads": (1, 2)}
 
 
 # -- worker (one torchrun rank) -------------------------------------------------------------------------
@@ -103,10 +103,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="1 round of 10 steps; prints, does not write")
     p.add_argument("--no-write", dest="write", action="store_false", help="print only, leave BENCHMARKS.md")
+    p.add_argument("--with-threads", action="store_true", help="also time 1 process x 2 threads")
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
+    if args.with_threads:
+        CANDIDATES.update(THREADS_CANDIDATE)
 
     from bench.common import (
         Stats,
@@ -147,6 +150,11 @@ def main() -> None:
     headers = ["task (dataset default recipe)", "global batch", *(f"{c} (samples/s)" for c in CANDIDATES),
                "2 processes / 1 process"]
     busy_rows = [[task, *(f"{busy[task, c].median:.2f}" for c in CANDIDATES)] for task in TASKS]
+    share = min(busy[task, one].median for task in TASKS)
+    caution = "" if share >= 0.8 else (
+        f"**Caution:** in the one-process runs rank 0 got only {share:.2f} of a core (CPU time per wall second): "
+        "other jobs were using this machine, so these figures measure two processes competing with them, not "
+        "the speed-up on two idle cores. Rerun `python bench/ddp_throughput.py` on an idle machine for that.")
     text = "\n".join([
         "## Data-parallel training: 1 vs 2 processes (torchrun + DDP, gloo)",
         "",
@@ -156,6 +164,7 @@ def main() -> None:
         "computes half of it. Every run is a fresh `torchrun --standalone` launch; the candidates alternate",
         f"round by round. {args.rounds} rounds, {minutes:.0f} min in all.",
         "",
+        *([caution, ""] if caution else []),
         markdown_table(headers, rows),
         "",
         "CPU time of rank 0's process per second of wall time in the timed window (median; 1 thread",
