@@ -25,7 +25,9 @@ the elementwise cost differs by a few operations, the networks not at all.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,12 +51,17 @@ class Missing(Exception):
 
 
 def available(lib: str) -> bool:
+    """Whether ``lib`` is importable; ``BENCH_HIDE_PEERS=nflows,zuko`` (or ``all``) hides peers, to test
+    the path where they are missing."""
+    hidden = {s.strip() for s in os.environ.get("BENCH_HIDE_PEERS", "").split(",") if s.strip()}
+    if lib != "pushforward" and (lib in hidden or "all" in hidden):
+        return False
     return importlib.util.find_spec(_MODULE[lib]) is not None
 
 
 def version(lib: str) -> str:
     if not available(lib):
-        return "not installed"
+        return "not installed (or hidden by BENCH_HIDE_PEERS)" if lib != "pushforward" else "not installed"
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as v
 
@@ -156,7 +163,7 @@ def _zero_last(net: nn.Module) -> nn.Module:
 def _plain_mlp(d_in: int, d_out: int, hidden: tuple[int, ...]) -> nn.Sequential:
     sizes = [d_in, *hidden]
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(sizes[-1], d_out))
     return _zero_last(nn.Sequential(*layers))
@@ -261,7 +268,7 @@ def build_nflows(spec: TaskSpec) -> Built:
 
         layers = []
         for i in range(spec.layers):
-            cond, trans = _halves(spec, i)
+            _cond, trans = _halves(spec, i)
             mask = torch.full((spec.features,), -1)
             mask[trans] = 1  # > 0: transformed
             if spec.kernel == "affine":
@@ -306,7 +313,7 @@ def build_zuko(spec: TaskSpec) -> Built:
 
     layers = []
     for i in range(spec.layers):
-        cond, _ = _halves(spec, i)
+        cond, _trans = _halves(spec, i)
         mask = torch.zeros(spec.features, dtype=torch.bool)
         mask[cond] = True  # True: conditioning
         if spec.kernel == "affine":

@@ -41,7 +41,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench.peer_models import LIBRARIES, Missing, Unsupported, available, build, task_specs
+from bench.peer_models import Missing, Unsupported, available, build, task_specs
 
 QUALITY_TASKS = ("moons", "8gaussians", "checkerboard", "digits", "fashion-mnist")
 BUDGET_S = {"moons": 60.0, "8gaussians": 60.0, "checkerboard": 60.0, "digits": 120.0, "fashion-mnist": 300.0}

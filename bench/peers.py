@@ -39,13 +39,12 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from torch import nn
 
 from bench.common import (
     Stats,
@@ -186,8 +185,8 @@ def prepare(spec: TaskSpec, args, log) -> TaskRun:
             lp = torch.compile(comp.log_prob, fullgraph=True, dynamic=False, backend=args.backend)
             sm = torch.compile(comp.sample, fullgraph=True, dynamic=False, backend=args.backend)
             fns["train"][COMPILED] = _train_step(lp, _adam(comp.parameters()), x)
-            fns["log_prob"][COMPILED] = _no_grad(lambda: lp(x))
-            fns["sample"][COMPILED] = _no_grad(lambda: sm(n))
+            fns["log_prob"][COMPILED] = _no_grad(lambda lp=lp: lp(x))
+            fns["sample"][COMPILED] = _no_grad(lambda sm=sm: sm(n))
             run.params[COMPILED], run.notes[COMPILED] = run.params[EAGER], b.notes
             for kind in KINDS:
                 _, run.compile_s[kind] = timed(fns[kind][COMPILED])
@@ -227,7 +226,14 @@ def contention(runs: dict[str, TaskRun]) -> str:
 
 
 def peak_memory(fn: Callable[[], None]) -> float:
-    """Peak MiB held through torch's CPU allocator during one call, above the level at its start."""
+    """Peak MiB allocated through torch's CPU allocator during one call and live at the same time.
+
+    ``torch.profiler(profile_memory=True)`` reports, with every allocation and free, a running total
+    that the allocator keeps across profiling sessions (blocks allocated while profiling and freed after
+    it stay counted), so the total at the session's start is subtracted. Frees of blocks allocated
+    before the session are not reported: the figure counts what the call allocates (activations,
+    gradients, temporaries) and frees again, not what it releases of earlier allocations.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -237,9 +243,12 @@ def peak_memory(fn: Callable[[], None]) -> float:
         path = os.path.join(d, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max([0, *totals]) / 2**20
+            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0.0
+    events.sort(key=lambda e: e["ts"])
+    start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    return max(0, *(e["args"]["Total Allocated"] - start for e in events)) / 2**20
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,7 +351,7 @@ def evaluate_targets(runs: dict[str, TaskRun]) -> list[list[str]]:
             for cand in (EAGER, COMPILED):
                 if cand in run.peak_mb:
                     add(name, 1, f"{cand} peak memory <= lowest peer ({low})",
-                        f"{run.peak_mb[cand]:.1f} vs {peers[low]:.1f} MiB", run.peak_mb[cand] <= peers[low])
+                        f"{run.peak_mb[cand]:.2f} vs {peers[low]:.2f} MiB", run.peak_mb[cand] <= peers[low])
     if "SPLINE" in runs and "T64" in runs:
         for threads in runs["SPLINE"].stats:
             if threads not in runs["T64"].stats:
@@ -538,7 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--at-commit", default=None, metavar="REV",
+                   help="measure pushforward as committed at REV (e.g. HEAD): its src/ is exported to a temporary "
+                   "folder that shadows the working tree, so edits in progress are not measured")
     args = p.parse_args(argv)
+    if args.at_commit and not os.environ.get("PEERS_AT_COMMIT"):
+        return _reexec_at_commit(args.at_commit, sys.argv[1:] if argv is None else argv)
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.threads = args.threads or ([1] if args.quick else [1, 2])
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -554,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     command = command_line([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-    revision = library_revision()
+    revision = _revision()
     log(f"$ {command}\n{machine_line()}\nlibrary: git {revision}")
     for lib in LIBRARIES:
         log(f"  {lib}: {version(lib)}" + ("" if available(lib) else " (skipped: install with pip install -e '.[bench]')"))
@@ -573,6 +587,46 @@ def main(argv: list[str] | None = None) -> int:
         if write:
             log(f"wrote section 'peers_quality' of {write_section('peers_quality', text)}")
     return 0
+
+
+def _reexec_at_commit(rev: str, argv: list[str]) -> int:
+    """Re-runs this script with ``src/`` of commit ``rev`` (a clean export) first on the import path."""
+    import subprocess
+
+    from bench.common import REPO
+
+    full = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    tmp = tempfile.mkdtemp(prefix=f"pushforward_{full}_")
+    archive = subprocess.run(["git", "archive", full, "src"], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+    env = {**os.environ, "PEERS_AT_COMMIT": full,
+           "PYTHONPATH": os.pathsep.join([os.path.join(tmp, "src"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    try:
+        return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env, check=False).returncode
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _revision() -> str:
+    """The library measured: a commit exported by ``--at-commit``, or the working tree's state."""
+    import pushforward
+
+    at = os.environ.get("PEERS_AT_COMMIT")
+    if at:
+        return f"{at} (clean export of the commit, imported from {os.path.dirname(pushforward.__file__)})"
+    import hashlib
+    from pathlib import Path
+
+    rev = library_revision()
+    if "uncommitted" in rev:  # name the exact sources measured
+        h = hashlib.sha256()
+        for f in sorted(Path(pushforward.__file__).parent.rglob("*.py")):
+            h.update(f.read_bytes())
+        rev += f" (sha256 of src/pushforward/**/*.py at start: {h.hexdigest()[:12]})"
+    return rev
 
 
 def speed(args, command, revision, write, log) -> None:
