@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_for(args.quick)
     set_threads(args.threads)
     t0 = time.monotonic()
+    load0 = os.getloadavg()[0]
     cache: dict = {}
     results: dict = {}
     texts = []
@@ -383,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Beyond RealNVP: autoregressive costs, NSF vs RealNVP, variational dequantization\n\n"
         f"Written by `{command_line(sys.argv if argv is None else ['bench/beyond.py', *argv])}` "
         f"on {time.strftime('%Y-%m-%d')} ({elapsed / 60:.1f} min); library at {library_revision()}.\n"
-        f"{machine_line()}.\n\n"
+        f"{machine_line()}; 1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"(a shared machine: timings in (a) are wall clock, interleaved).\n\n"
         "Equal training time means an equal budget of CPU seconds spent in optimizer steps on one thread "
         "(each candidate's cost per step is measured first, then it trains for that many steps with "
         "`pushforward.train.fit`, validations not counted), so other jobs on the machine do not shorten one "
