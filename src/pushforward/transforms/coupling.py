@@ -207,39 +207,6 @@ class AdditiveKernel:
         return "AdditiveKernel()"
 
 
-class _AffineFunction(torch.autograd.Function):
-    """``(x, params) -> (x * exp(s) + t, s)`` with ``s = c * tanh(raw / c)`` in one autograd node.
-
-    The analytic backward replaces the eight nodes autograd would record (chunk, two scalings,
-    tanh, exp, multiply-add), which is most of a coupling's bookkeeping cost in eager mode.
-    """
-
-    @staticmethod
-    def forward(x: Tensor, params: Tensor, bound: float, dim: int) -> tuple[Tensor, Tensor]:
-        raw, shift = params.chunk(2, dim)
-        th = torch.tanh(raw * (1 / bound))
-        s = th * bound
-        e = torch.exp(s)
-        return torch.addcmul(shift, x, e), s
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, params, bound, dim = inputs
-        _, s = output
-        ctx.bound, ctx.dim = bound, dim
-        ctx.save_for_backward(x, s)
-
-    @staticmethod
-    def backward(ctx, gy: Tensor, gs: Tensor):
-        x, s = ctx.saved_tensors
-        e = torch.exp(s)
-        gx = gy * e
-        g_s = torch.addcmul(gs, gx, x)  # d/ds of x * exp(s) is x * exp(s)
-        th = s * (1 / ctx.bound)
-        graw = g_s - g_s * th * th  # d/draw of c * tanh(raw / c) is 1 - tanh^2
-        return gx, torch.cat([graw, gy], ctx.dim), None, None
-
-
 class AffineKernel:
     """``y = x * exp(s) + t`` (RealNVP, Glow) with a bounded log-scale ``s = c * tanh(raw / c)``.
 
@@ -256,10 +223,8 @@ class AffineKernel:
         return torch.tanh(raw * (1 / self.bound)) * self.bound, shift
 
     def forward(self, x: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
-        if x.shape != params.shape[:dim] + (params.shape[dim] // 2,) + params.shape[dim:][1:]:
-            s, t = self._scale_shift(params, dim)  # broadcasting shapes: let autograd handle it
-            return torch.addcmul(t, x, s.exp()), s
-        return _AffineFunction.apply(x, params, self.bound, dim)
+        s, t = self._scale_shift(params, dim)
+        return torch.addcmul(t, x, s.exp()), s
 
     def inverse(self, y: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
         s, t = self._scale_shift(params, dim)
