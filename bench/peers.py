@@ -485,7 +485,7 @@ def speed_report(args, command, revision, load, elapsed, runs: dict[str, TaskRun
 
 
 def quality_report(args, command, revision, results, elapsed) -> str:
-    from bench.peer_quality import BUDGET_S, CLIP, LR, MODEL, VAL_FRACTION, WARMUP
+    from bench.peer_quality import BUDGET_S, CLIP, FMNIST_VAL, LR, MODEL, VAL_FRACTION, WARMUP
 
     rows, verdicts = [], []
     by_task: dict[str, list] = {}
@@ -526,8 +526,10 @@ def quality_report(args, command, revision, results, elapsed) -> str:
          f"validation every {VAL_FRACTION:.0%} of the budget (clock stopped), best validation weights restored, "
          "then one test evaluation. Same seed, data split and data order for every library. 2-D: 20k training, "
          "5k validation and 20k test samples; *gap* = test NLL - true entropy (nats) = KL(data || model) estimate. "
-         "digits: sklearn's 1437/180/180 split, 17 levels; Fashion-MNIST: 55k/5k (split_off seed 0) and the 10k "
-         "test images; both dequantized and centred. Lower is better everywhere."),
+         "digits: sklearn's 1437/180/180 split, 17 levels; Fashion-MNIST: "
+         f"{60 - FMNIST_VAL // 1000}k/{FMNIST_VAL // 1000}k (split_off seed 0) and the 10k test images; both "
+         "dequantized and centred. Lower is better everywhere."
+         + (" QUICK MODE: tiny models, few samples, crops; smoke test only." if args.quick else "")),
         "",
         markdown_table(["task", "model", "library", "status", "steps", "budget used s", "best val", "test",
                         "gap to entropy", "unit"], rows),
