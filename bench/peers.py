@@ -512,12 +512,15 @@ def quality_report(args, command, revision, results, elapsed) -> str:
                 test = gap = val = "-"
             rows.append([task, f"{MODEL[task]}", r.library, r.status + (f": {r.message}" if r.message else ""),
                          f"{r.steps:,}", f"{r.used_s:.0f}", val, test, gap, unit])
-        ok = {r.library: r.test for r in rs if math.isfinite(r.test)}
+        ok = {r.library: r for r in rs if math.isfinite(r.test)}
         peers = {k: v for k, v in ok.items() if k != "pushforward"}
         if "pushforward" in ok and peers:
-            best = min(peers, key=peers.get)
-            verdicts.append([task, f"{ok['pushforward']:.4f} vs {best} {peers[best]:.4f} {unit}",
-                             "PASS" if ok["pushforward"] < peers[best] else "MISS"])
+            best = min(peers, key=lambda k: peers[k].test)
+            pf, pb = ok["pushforward"], peers[best]
+            noise = 2 * math.hypot(pf.test_stderr, pb.test_stderr)
+            sure = "" if abs(pf.test - pb.test) > noise else f" (difference within 2 standard errors, {noise:.4f})"
+            verdicts.append([task, f"{pf.test:.4f} vs {best} {pb.test:.4f} {unit}",
+                             ("PASS" if pf.test < pb.test else "MISS") + sure])
     parts = [
         "## Peers: quality (same model, data, optimiser and time budget)",
         "",
