@@ -116,7 +116,7 @@ class ConvNet(nn.Module):
             if context is None:
                 raise ValueError("this ConvNet was built for a context; got none")
             h = self.context(h, context)
-        h = self.act(self.conv2(self.act(h)))
+        h = self.conv2(self.act(h))
         return self.conv3(self.act(h))
 
 
