@@ -377,7 +377,9 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
 
     Args:
         flow: a recipe-built flow (``flow.config`` set, so checkpoints can record it).
-        train_data, val_data: float tensors ``(N, *event_shape)`` or ``ImageData``.
+        train_data: the training set: a float tensor ``(N, *event_shape)`` or an
+            :class:`~pushforward.data.ImageData` (integer images, dequantized afresh every epoch).
+        val_data: the validation set, of the same kind as ``train_data``.
         config: a :class:`~pushforward.config.TrainConfig` (or a dict of its fields).
         run_dir: where files go; default ``config.run_dir``; ``""``/``None`` with an empty
             ``config.run_dir``: nothing is written (no checkpoints, no resume).

@@ -27,7 +27,8 @@ class Autoregressive(Transform):
 
     Args:
         features: ``D``.
-        kernel: an elementwise kernel (``AffineKernel()``, ``SplineKernel()``, ...).
+        kernel (AffineKernel | SplineKernel): an elementwise kernel (``AffineKernel()``,
+            ``SplineKernel()``, ...); the MADE outputs ``kernel.params`` parameters per feature.
         hidden: MADE hidden sizes.
         context_features: size of an optional context.
     """
