@@ -71,7 +71,13 @@ def plan(quick: bool, toy_s: float, digits_s: float, fashion_s: float) -> list[J
     if quick:
         tiny_img = ("max_train=256", "model.hidden_channels=8")
         return [
-            Job("toy", "moons", "realnvp", 1.0, ("n_train=2000", "n_val=500", "n_test=500", "model.hidden=[16,16]")),
+            Job(
+                "toy",
+                "moons",
+                "realnvp",
+                1.0,
+                ("n_train=2000", "n_val=500", "n_test=500", "model.hidden=[16,16]"),
+            ),
             Job("digits", "digits", "glow", 1.0, tiny_img + ("model.steps=1",)),
             Job("fashion-mnist", "fashion-mnist", "realnvp_image", 1.0, tiny_img + ("max_train=128",)),
         ]
@@ -91,8 +97,9 @@ def cpu_per_step(config, calib_s: float) -> float:
 
     ds = load_dataset(config)
     flow = build_flow(config, ds)
-    cfg = dataclasses.replace(config, max_steps=10**7, val_every=10**9, patience=0, progress=False,
-                              max_minutes=0.0, run_dir="")
+    cfg = dataclasses.replace(
+        config, max_steps=10**7, val_every=10**9, patience=0, progress=False, max_minutes=0.0, run_dir=""
+    )
     marks: list[float] = []
 
     def callback(step, loss, f):
@@ -115,14 +122,28 @@ def run_job(job: Job, out: Path, calib_s: float, validations: int) -> dict:
     base = ["--data", job.data, "--recipe", job.recipe, "--set", "threads=1"]
     for s in job.sets:
         base += ["--set", s]
-    config = resolve_config({}, {"data": job.data, "recipe": job.recipe, "threads": 1,
-                                 **parse_overrides(list(job.sets))})
+    config = resolve_config(
+        {}, {"data": job.data, "recipe": job.recipe, "threads": 1, **parse_overrides(list(job.sets))}
+    )
     per_step = cpu_per_step(config, calib_s)
     steps = max(20, int(job.budget_s / per_step))
     warmup = max(1, min(config.warmup_steps, steps // 10))
-    argv = ["train", *base, "--run-dir", str(run_dir), "--overwrite", "--no-progress", "--max-steps", str(steps),
-            "--set", f"warmup_steps={warmup}", "--set", "patience=0",
-            "--set", f"val_every={max(1, steps // validations)}"]
+    argv = [
+        "train",
+        *base,
+        "--run-dir",
+        str(run_dir),
+        "--overwrite",
+        "--no-progress",
+        "--max-steps",
+        str(steps),
+        "--set",
+        f"warmup_steps={warmup}",
+        "--set",
+        "patience=0",
+        "--set",
+        f"val_every={max(1, steps // validations)}",
+    ]
     say(f"[{job.name}] {per_step * 1e3:.1f} ms CPU per step -> {steps} steps for {job.budget_s:.0f} CPU s")
     c0, t0 = time.process_time(), time.monotonic()
     rc = cli(argv)
@@ -133,16 +154,28 @@ def run_job(job: Job, out: Path, calib_s: float, validations: int) -> dict:
     if rc != 0:
         raise SystemExit(f"[{job.name}] pushforward eval failed with exit status {rc}")
     result = json.loads((run_dir / "eval.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    history = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
     trained = max((h.get("step", 0) for h in history), default=0)
     params = _params(run_dir)
     if job.group != "toy":
         from pushforward.cli import sample_run
 
         sample_run(run_dir, n=64, temperature=0.7, out=str(run_dir / "samples_T0.7.png"))
-    return {"job": job.__dict__, "per_step_cpu": per_step, "steps": steps, "trained_steps": trained,
-            "train_cpu_s": cpu, "train_wall_s": wall, "params": params, "eval": result,
-            "command": "pushforward " + shlex.join(argv), "eval_command": f"pushforward eval {run_dir}"}
+    return {
+        "job": _plain(job),
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "per_step_cpu": per_step,
+        "steps": steps,
+        "trained_steps": trained,
+        "train_cpu_s": cpu,
+        "train_wall_s": wall,
+        "params": params,
+        "eval": result,
+        "command": "pushforward " + shlex.join(argv),
+        "eval_command": f"pushforward eval {run_dir}",
+    }
 
 
 def _params(run_dir: Path) -> int:
@@ -152,21 +185,55 @@ def _params(run_dir: Path) -> int:
 
 
 # -- the driver --------------------------------------------------------------------------------------
-def run_all(jobs: list[Job], out: Path, workers: int, calib_s: float, validations: int) -> list[dict]:
-    """Runs the jobs as subprocesses, ``workers`` at a time (longest budgets first)."""
+def _plain(job: Job) -> dict:
+    return {**job.__dict__, "sets": list(job.sets)}
+
+
+def run_all(
+    jobs: list[Job], out: Path, workers: int, calib_s: float, validations: int, reuse: bool = False
+) -> list[dict]:
+    """Runs the jobs as subprocesses, ``workers`` at a time (longest budgets first).
+
+    With ``reuse``, a job whose result file from an earlier invocation exists (same data, recipe,
+    budget and overrides) is not run again.
+    """
     out.mkdir(parents=True, exist_ok=True)
     pending = sorted(jobs, key=lambda j: -j.budget_s)
     running: list[tuple[Job, subprocess.Popen, Path]] = []
     results: dict[str, dict] = {}
+    if reuse:  # results of an earlier invocation for the very same job are kept
+        for job in list(pending):
+            path = out / f"{job.name}.json"
+            if path.exists() and json.loads(path.read_text())["job"] == _plain(job):
+                results[job.name] = json.loads(path.read_text())
+                results[job.name]["reused"] = True
+                results[job.name].setdefault(
+                    "finished", time.strftime("%Y-%m-%d %H:%M", time.gmtime(path.stat().st_mtime))
+                )
+                pending.remove(job)
+                say(f"reuse {path}")
     while pending or running:
         while pending and len(running) < workers:
             job = pending.pop(0)
             path = out / f"{job.name}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--job", json.dumps(job.__dict__),
-                   "--out", str(out), "--calib-s", str(calib_s), "--validations", str(validations),
-                   "--result", str(path)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--job",
+                json.dumps(job.__dict__),
+                "--out",
+                str(out),
+                "--calib-s",
+                str(calib_s),
+                "--validations",
+                str(validations),
+                "--result",
+                str(path),
+            ]
             say(f"start {job.name} ({job.budget_s:.0f} CPU s)")
-            running.append((job, subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}), path))
+            running.append(
+                (job, subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}), path)
+            )
         time.sleep(1.0)
         for item in list(running):
             job, proc, path = item
@@ -195,12 +262,52 @@ def table(results: list[dict]) -> str:
         else:
             metric = f"**{e['bpd']:.3f} ± {e['bpd_stderr']:.3f}** bits/dim"
             extra = "-"
-        rows.append([job["data"], f"`{job['recipe']}`", f"{r['params']:,}", f"{job['budget_s'] / 60:.0f}",
-                     f"{r['trained_steps']:,}", f"{r['per_step_cpu'] * 1e3:.0f}", f"{r['train_wall_s'] / 60:.1f}",
-                     f"{e['n']:,}", metric, extra, f"{e.get('max_reconstruction_error', float('nan')):.1e}"])
+        rows.append(
+            [
+                job["data"],
+                f"`{job['recipe']}`",
+                f"{r['params']:,}",
+                f"{job['budget_s'] / 60:.0f}",
+                f"{r['trained_steps']:,}",
+                f"{r['per_step_cpu'] * 1e3:.0f}",
+                f"{r['train_wall_s'] / 60:.1f}",
+                f"{e['n']:,}",
+                metric,
+                extra,
+                f"{e.get('max_reconstruction_error', float('nan')):.1e}",
+            ]
+        )
     return markdown_table(
-        ["data", "recipe", "parameters", "budget (CPU min)", "steps", "ms CPU / step", "wall min", "test examples",
-         "test NLL", "gap to the data's entropy", "max \\|f⁻¹(f(x)) - x\\|"], rows)
+        [
+            "data",
+            "recipe",
+            "parameters",
+            "budget (CPU min)",
+            "steps",
+            "ms CPU / step",
+            "wall min",
+            "test examples",
+            "test NLL",
+            "gap to the data's entropy",
+            "max \\|f⁻¹(f(x)) - x\\|",
+        ],
+        rows,
+    )
+
+
+def _provenance(results: list[dict]) -> str:
+    reused = [
+        f"{r['job']['data']} `{r['job']['recipe']}` (finished {r.get('finished', '?')})"
+        for r in results
+        if r.get("reused")
+    ]
+    if not reused:
+        return "All runs were made by this invocation."
+    return (
+        "Results kept from an earlier invocation of the script for the same job (`--reuse`): "
+        + ", ".join(reused)
+        + "."
+    )
 
 
 def commands(results: list[dict]) -> str:
@@ -213,15 +320,35 @@ def commands(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (no write)")
-    p.add_argument("--only", choices=("toy", "digits", "fashion-mnist"), action="append",
-                   help="run only these groups (repeatable; no write)")
+    p.add_argument(
+        "--only",
+        choices=("toy", "digits", "fashion-mnist"),
+        action="append",
+        help="run only these groups (repeatable; no write)",
+    )
     p.add_argument("--toy-s", type=float, default=60.0, help="CPU seconds per 2-D density (default 60)")
     p.add_argument("--digits-s", type=float, default=300.0, help="CPU seconds per digits model (default 300)")
-    p.add_argument("--fashion-s", type=float, default=1800.0, help="CPU seconds per Fashion-MNIST model (1800)")
+    p.add_argument(
+        "--fashion-s", type=float, default=1800.0, help="CPU seconds per Fashion-MNIST model (1800)"
+    )
     p.add_argument("--workers", type=int, default=2, help="runs side by side, one thread each (default 2)")
     p.add_argument("--out", default="runs/baselines", help="run directories (default runs/baselines)")
-    p.add_argument("--calib-s", type=float, default=5.0, help="CPU seconds of steps that measure a step's cost")
+    p.add_argument(
+        "--calib-s", type=float, default=5.0, help="CPU seconds of steps that measure a step's cost"
+    )
     p.add_argument("--validations", type=int, default=10, help="validations per run")
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave out a job, e.g. fashion-mnist-glow (repeatable; no write)",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the results of earlier invocations for the same jobs (out/NAME.json)",
+    )
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -235,9 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(args.quick, args.toy_s, args.digits_s, args.fashion_s)
     if args.only:
         jobs = [j for j in jobs if j.group in args.only]
+    jobs = [j for j in jobs if j.name not in args.skip]
     calib = min(args.calib_s, 0.5) if args.quick else args.calib_s
     t0, load0 = time.monotonic(), os.getloadavg()[0]
-    results = run_all(jobs, out, args.workers, calib, 2 if args.quick else args.validations)
+    results = run_all(jobs, out, args.workers, calib, 2 if args.quick else args.validations, args.reuse)
     elapsed = time.monotonic() - t0
     cmd = command_line(sys.argv if argv is None else ["bench/baselines.py", *argv])
     text = (
@@ -253,13 +381,16 @@ def main(argv: list[str] | None = None) -> int:
         "K = 17 grey levels (180 test images), Fashion-MNIST K = 256 (the official 10,000 test images). The last "
         "column is the largest reconstruction error over the test set. Fashion-MNIST has no published flow "
         "bits/dim yet: these are the first public ones we know of.\n\n"
-        + table(results) + "\n\nThe exact commands (the step counts are what the budget bought on this machine):\n\n"
+        + table(results)
+        + "\n\n"
+        + _provenance(results)
+        + "\n\nThe exact commands (the step counts are what the budget bought on this machine):\n\n"
         + commands(results)
     )
     say("\n" + text)
     (out / "baselines.json").write_text(json.dumps(results, indent=1))
-    if args.quick or args.only or args.no_write:
-        say("not writing BENCHMARKS.md (--quick, --only or --no-write)")
+    if args.quick or args.only or args.skip or args.no_write:
+        say("not writing BENCHMARKS.md (--quick, --only, --skip or --no-write)")
     else:
         say(f"wrote {write_section(SECTION, text)}")
     ok = all(math.isfinite(r["eval"].get("bpd", r["eval"]["nll"])) for r in results)
