@@ -87,6 +87,7 @@ class IndexMask(Mask):
             )
         self.features, self.event_dim = features, event_dim
         self.in_features, self.out_features = len(cond), len(trans)
+        self.cond, self.trans = tuple(cond), tuple(trans)
         order = cond + trans
         self._first = "cond" if order == list(range(features)) else "trans" if trans + cond == list(range(features)) else None
         if self._first is None:
@@ -254,6 +255,23 @@ class Coupling(Transform):
         self.mask = mask
         self.kernel = kernel
         self.net = conditioner(mask.in_features, mask.out_features * kernel.params)
+        if isinstance(mask, IndexMask):  # lets Compose chain consecutive couplings over the same halves
+            self.partition = (mask.cond, mask.trans, mask.event_dim)
+
+    # -- the parts protocol of Compose's chains (see Transform.partition) ---------------------------
+    def split_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_a, x_b)``: the conditioning and the transformed part."""
+        return self.mask.split(x)
+
+    def merge_parts(self, x_a: Tensor, x_b: Tensor) -> Tensor:
+        return self.mask.merge(x_a, x_b)
+
+    def transform_part(self, x_a: Tensor, x_b: Tensor, context: Tensor | None = None,
+                       inverse: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The transformed part and the kernel's elementwise log-derivatives (``None``: all zero)."""
+        params = self._params(x_a, context)
+        dim = -self.mask.event_dim
+        return self.kernel.inverse(x_b, params, dim) if inverse else self.kernel.forward(x_b, params, dim)
 
     def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:
         p = self.net(x_a) if context is None else self.net(x_a, context)
@@ -266,14 +284,12 @@ class Coupling(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x_a, x_b = self.mask.split(x)
-        params = self._params(x_a, context)
-        y_b, logd = self.kernel.forward(x_b, params, -self.mask.event_dim)
+        y_b, logd = self.transform_part(x_a, x_b, context)
         return self.mask.merge(x_a, y_b), self._ladj(logd, x)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z_a, z_b = self.mask.split(z)
-        params = self._params(z_a, context)
-        x_b, logd = self.kernel.inverse(z_b, params, -self.mask.event_dim)
+        x_b, logd = self.transform_part(z_a, z_b, context, inverse=True)
         return self.mask.merge(z_a, x_b), self._ladj(logd, z)
 
     def extra_repr(self) -> str:
