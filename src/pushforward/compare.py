@@ -46,6 +46,7 @@ def _print(*args) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
+    """Number of scalar parameters of ``model`` (every tensor of ``model.parameters()``)."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -39,7 +39,18 @@ def _check_levels(x: Tensor, levels: int) -> None:
 
 
 class UniformDequantizer(nn.Module):
-    """``u ~ U[0, 1)^D``: ``log q(u | x) = 0``."""
+    """Uniform dequantization: ``u ~ U[0, 1)^D``, so ``log q(u | x) = 0``.
+
+    Maps integer data ``(B, *event)`` in ``[0, K - 1]`` to ``y = (x + u) / K`` of the same shape in
+    ``[0, 1)``, plus a zero ``log q`` of shape ``(B,)``; the interface of :class:`VariationalDequantizer`.
+
+    Args:
+        levels: number of discrete levels ``K`` (e.g. 256).
+
+    References:
+        Uria, Murray & Larochelle, "RNADE", 2013; Theis, van den Oord & Bethge, "A note on the
+        evaluation of generative models", 2016.
+    """
 
     def __init__(self, levels: int):
         super().__init__()
@@ -65,6 +76,9 @@ class VariationalDequantizer(nn.Module):
         levels: number of discrete levels ``K``.
         layers: number of couplings.
         hidden_channels: conditioner width.
+
+    References:
+        Ho, Chen, Srinivas, Duan & Abbeel, "Flow++", 2019, section 3.1.
     """
 
     def __init__(self, shape: Sequence[int], levels: int, layers: int = 4, hidden_channels: int = 32):

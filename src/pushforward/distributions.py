@@ -22,8 +22,15 @@ def _shape(shape: int | Sequence[int]) -> torch.Size:
 class StandardNormal(nn.Module):
     """The standard normal ``N(0, I)`` over events of shape ``event_shape``.
 
+    ``log_prob`` takes ``(*batch, *event_shape)`` and returns ``(*batch,)``; ``sample`` returns
+    ``(*shape, *event_shape)``. The base density of every recipe.
+
     Args:
         event_shape: e.g. ``2`` or ``(1, 28, 28)``.
+
+    References:
+        Rezende & Mohamed, "Variational Inference with Normalizing Flows", 2015 (the base density
+        ``p_z`` of a flow).
     """
 
     def __init__(self, event_shape: int | Sequence[int]):
@@ -47,7 +54,15 @@ class StandardNormal(nn.Module):
 
 
 class DiagonalNormal(nn.Module):
-    """A learned diagonal normal ``N(loc, diag(exp(log_scale))^2)``, initialised at ``N(0, I)``."""
+    """A learned diagonal normal ``N(loc, diag(exp(log_scale))^2)``, initialised at ``N(0, I)``.
+
+    ``loc`` and ``log_scale`` have shape ``event_shape``; ``log_prob`` maps ``(*batch, *event_shape)``
+    to ``(*batch,)`` and ``sample`` returns ``(*shape, *event_shape)``, the spread scaled by
+    ``temperature``. Equivalent to a standard normal base behind an elementwise affine layer.
+
+    Args:
+        event_shape: e.g. ``2`` or ``(1, 28, 28)``.
+    """
 
     def __init__(self, event_shape: int | Sequence[int]):
         super().__init__()
@@ -56,6 +71,7 @@ class DiagonalNormal(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(self.event_shape))
 
     def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """``log N(z; loc, diag(scale)^2)`` summed over the event; shape ``(*batch,)``."""
         nd = len(self.event_shape)
         e = (z - self.loc) * torch.exp(-self.log_scale)
         return -0.5 * sum_event(e.square(), nd) - self.log_scale.sum() - 0.5 * math.prod(self.event_shape) * _LOG_2PI
@@ -72,7 +88,14 @@ class GaussianMixture(nn.Module):
     """A learned mixture of ``components`` diagonal normals over events of shape ``event_shape``.
 
     Initialised with means spread by ``N(0, spread^2)``, unit scales and equal weights.
-    ``temperature`` scales each component's spread around its mean.
+    ``temperature`` scales each component's spread around its mean. ``log_prob`` maps
+    ``(*batch, *event_shape)`` to ``(*batch,)`` (a ``logsumexp`` over the components); ``sample``
+    returns ``(*shape, *event_shape)``.
+
+    Args:
+        event_shape: e.g. ``2`` or ``(1, 28, 28)``.
+        components: number of mixture components ``K``.
+        spread: standard deviation of the initial means.
     """
 
     def __init__(self, event_shape: int | Sequence[int], components: int = 8, spread: float = 1.0):

@@ -45,7 +45,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 
 def save(flow: Flow, path: str | os.PathLike) -> None:
-    """Writes ``flow``'s weights and recipe to one ``.safetensors`` file, atomically."""
+    """Writes ``flow``'s weights and recipe to one ``.safetensors`` file, atomically.
+
+    Args:
+        flow: a recipe-built flow (``flow.config`` set), e.g. from :mod:`pushforward.models`.
+        path: the file to write (its directory is created).
+
+    Raises:
+        ValueError: if the flow was not built by a recipe, so its architecture cannot be recorded.
+    """
     if flow.config is None:
         raise ValueError(
             "this flow was not built by a recipe (flow.config is None), so its architecture cannot be "
@@ -57,7 +65,21 @@ def save(flow: Flow, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Flow:
-    """Rebuilds a flow saved by :func:`save`."""
+    """Rebuilds a flow saved by :func:`save`: its recipe from the JSON record, then its weights.
+
+    Nothing is unpickled, so loading an untrusted file cannot run code.
+
+    Args:
+        path: a file written by :func:`save` (or a run's ``best.safetensors``).
+        map_location: device to load the weights onto.
+
+    Returns:
+        The flow, on ``map_location``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is unreadable, has no architecture record or does not match it.
+    """
     from .models import build
 
     st = _safetensors()

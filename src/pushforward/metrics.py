@@ -36,6 +36,10 @@ def bits_per_dim(nll_nats: _Num, dims: int, levels: int) -> _Num:
 
     Returns:
         Bits per dimension, of the same kind as ``nll_nats`` (elementwise for tensors).
+
+    References:
+        Theis, van den Oord & Bethge, "A note on the evaluation of generative models", 2016;
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017, section 4.1.
     """
     if dims < 1:
         raise ValueError(f"dims must be >= 1, got {dims}")

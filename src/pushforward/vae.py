@@ -165,6 +165,10 @@ class VAE(nn.Module):
         alpha: the logit's squeeze, as in the flow recipes.
         k: importance samples of :meth:`log_prob`: ``1`` the ELBO (closed-form KL), ``> 1`` IWAE.
         scale_range: soft bounds of the decoder's log-scale (keeps the likelihood finite).
+
+    References:
+        Kingma & Welling, "Auto-Encoding Variational Bayes", 2014;
+        Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", 2016.
     """
 
     def __init__(self, event_shape: Sequence[int], encoder: nn.Module, decoder: nn.Module, latent: int,
@@ -344,6 +348,12 @@ def vae(event_shape: Sequence[int], latent: int = 0, arch: str = "auto", hidden:
         alpha: the logit's squeeze (the flow recipes' default 0.05).
         k: ``log_prob`` is the ELBO for ``k = 1`` and the IWAE bound with ``k`` samples for ``k > 1``.
         context_features: size of an optional context (e.g. a one-hot label) seen by both networks.
+
+    Returns:
+        A :class:`VAE` with ``config`` set (so :func:`pushforward.load` rebuilds it).
+
+    References:
+        Kingma & Welling, "Auto-Encoding Variational Bayes", 2014.
     """
     event_shape = tuple(int(s) for s in event_shape)
     image = len(event_shape) == 3

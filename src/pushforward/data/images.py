@@ -240,6 +240,9 @@ def dequantize(x_int: Tensor, levels: int, generator: torch.Generator | None = N
     Raises:
         TypeError: If ``x_int`` is not an integer tensor.
         ValueError: If ``levels < 1`` or a value lies outside ``[0, levels - 1]``.
+
+    References:
+        Theis, van den Oord & Bethge, "A note on the evaluation of generative models", 2016.
     """
     if x_int.dtype.is_floating_point or x_int.dtype.is_complex or x_int.dtype == torch.bool:
         raise TypeError(f"dequantize expects an integer tensor, got dtype {x_int.dtype}")

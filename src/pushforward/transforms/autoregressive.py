@@ -31,6 +31,13 @@ class Autoregressive(Transform):
             ``SplineKernel()``, ...); the MADE outputs ``kernel.params`` parameters per feature.
         hidden: MADE hidden sizes.
         context_features: size of an optional context.
+
+    ``forward`` (MAF direction, density) costs one MADE pass; ``inverse`` (sampling) costs
+    ``features`` passes. Both return ``(y, ladj)`` with ``y`` of shape ``(*, features)`` and
+    ``ladj`` of shape ``(*,)``.
+
+    References:
+        Papamakarios, Pavlakou & Murray, "Masked Autoregressive Flow for Density Estimation", 2017.
     """
 
     def __init__(self, features: int, kernel, hidden: Sequence[int] = (128, 128), context_features: int = 0):

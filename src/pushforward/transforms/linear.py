@@ -33,7 +33,14 @@ def _batch(x: Tensor, event_dim: int) -> torch.Size:
 class Linear(Transform):
     """Full-rank ``z = W x + b`` on ``(*, D)``; ``log|det W|`` by ``slogdet`` (O(D^3)).
 
-    Initialised with a random orthogonal ``W`` (|det| = 1) and ``b = 0``.
+    Initialised with a random orthogonal ``W`` (|det| = 1) and ``b = 0``. The inverse solves the
+    linear system (O(D^3)); ``ladj`` has the batch shape ``(*,)``.
+
+    Args:
+        features: ``D``.
+
+    References:
+        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.2.
     """
 
     def __init__(self, features: int):
@@ -58,11 +65,15 @@ class Linear(Transform):
 class Triangular(Transform):
     """``z = L x + b`` with ``L`` triangular and a positive diagonal ``exp(log_diag)``.
 
-    ``log|det L| = sum(log_diag)`` in O(D); the inverse is a triangular solve in O(D^2).
+    ``log|det L| = sum(log_diag)`` in O(D); the inverse is a triangular solve in O(D^2). Acts on
+    ``(*, D)``; initialised at the identity.
 
     Args:
         features: ``D``.
         upper: upper instead of lower triangular.
+
+    References:
+        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.2.
     """
 
     def __init__(self, features: int, upper: bool = False):
@@ -90,14 +101,22 @@ class Triangular(Transform):
 
 
 class LowerTriangular(Triangular):
-    """:class:`Triangular` with a lower-triangular matrix."""
+    """:class:`Triangular` with a lower-triangular matrix, on ``(*, D)``.
+
+    Args:
+        features: ``D``.
+    """
 
     def __init__(self, features: int):
         super().__init__(features, upper=False)
 
 
 class UpperTriangular(Triangular):
-    """:class:`Triangular` with an upper-triangular matrix."""
+    """:class:`Triangular` with an upper-triangular matrix, on ``(*, D)``.
+
+    Args:
+        features: ``D``.
+    """
 
     def __init__(self, features: int):
         super().__init__(features, upper=True)
@@ -109,6 +128,9 @@ class Permutation(Transform):
     Args:
         permutation: a permutation of ``range(features)``, e.g. ``torch.randperm(D)``.
         event_dim: 1 for ``(*, D)`` vectors, 3 for ``(*, C, H, W)`` images (permutes channels).
+
+    References:
+        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.2 (permutations between coupling layers: Dinh et al., "NICE", 2015).
     """
 
     def __init__(self, permutation: Tensor | list[int], event_dim: int = 1):
@@ -139,7 +161,16 @@ class Permutation(Transform):
 
 
 class Reverse(Permutation):
-    """Reverses the order of the features (or channels)."""
+    """Reverses the order of the features (or channels) of ``(*, D)`` or ``(*, C, H, W)``.
+
+    Args:
+        features: size of the first event dimension.
+        event_dim: 1 for vectors, 3 for images.
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017 (alternating the
+        transformed half); Papamakarios et al., "Masked Autoregressive Flow", 2017 (reversed orders).
+    """
 
     def __init__(self, features: int, event_dim: int = 1):
         super().__init__(torch.arange(features - 1, -1, -1), event_dim)

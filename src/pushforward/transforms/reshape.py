@@ -65,7 +65,16 @@ class Squeeze(Transform):
 
 
 class Unsqueeze(Transform):
-    """Depth-to-space, :class:`Squeeze` run backwards (returns a multi-scale latent to image shape)."""
+    """Depth-to-space, :class:`Squeeze` run backwards (returns a multi-scale latent to image shape).
+
+    ``(*, C f^2, H, W) -> (*, C, H f, W f)``; ``log|det| = 0``.
+
+    Args:
+        factor: the block size ``f``.
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017, section 3.6.
+    """
 
     def __init__(self, factor: int = 2):
         super().__init__()
