@@ -66,3 +66,12 @@ def test_peers_quality_smoke():
 def test_core_overhead_quick():
     out = run("bench/core_overhead.py", "--quick", "--no-write")
     assert "Targets" in out
+
+
+def test_baselines_quick_toy(tmp_path):
+    """bench/baselines.py trains through the CLI for a CPU budget and reports the commands it ran."""
+    out = run("bench/baselines.py", "--quick", "--only", "toy", "--out", str(tmp_path))
+    assert "| moons | `realnvp` |" in out
+    assert "pushforward train --data moons --recipe realnvp" in out and "--max-steps" in out
+    assert "not writing BENCHMARKS.md" in out
+    assert (tmp_path / "moons-realnvp" / "eval.json").exists()
