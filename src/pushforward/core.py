@@ -39,7 +39,18 @@ def validation_enabled() -> bool:
 
 
 def sum_event(x: Tensor, event_dim: int) -> Tensor:
-    """Sums ``x`` over its ``event_dim`` trailing dimensions."""
+    """Sums ``x`` over its ``event_dim`` trailing dimensions.
+
+    This turns elementwise log-derivatives into a log-determinant per event, which is how every
+    transform reduces its ``ladj`` to the batch shape.
+
+    Args:
+        x: a tensor of shape ``(*batch, *event)`` with ``len(event) == event_dim``.
+        event_dim: number of trailing (event) dimensions to sum over; ``0`` returns ``x`` itself.
+
+    Returns:
+        A tensor of shape ``(*batch,)``, i.e. ``x.shape[:x.dim() - event_dim]``.
+    """
     if event_dim == 0:
         return x
     if event_dim == 1:
@@ -57,9 +68,29 @@ class Transform(nn.Module):
     """
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Maps data to latent: ``z = f(x)``.
+
+        Args:
+            x: data of shape ``(*batch, *event)``.
+            context: optional conditioning tensor of shape ``(*batch, context_features)``.
+
+        Returns:
+            ``(z, ladj)``: ``z`` of the same shape as ``x``, and ``ladj = log|det Df(x)|``
+            summed over the event dimensions, of shape ``(*batch,)`` (``x.shape[:-event_dim]``).
+        """
         raise NotImplementedError
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Maps latent to data: ``x = f^{-1}(z)``.
+
+        Args:
+            z: latent of shape ``(*batch, *event)``.
+            context: optional conditioning tensor of shape ``(*batch, context_features)``.
+
+        Returns:
+            ``(x, ladj)``: ``x`` of the same shape as ``z``, and ``ladj = log|det Df^{-1}(z)|``
+            (``= -log|det Df(x)|``) summed over the event dimensions, of shape ``(*batch,)``.
+        """
         raise NotImplementedError
 
     @property
@@ -85,9 +116,28 @@ class Inverse(Transform):
         self.transform = transform
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Applies the wrapped transform's :meth:`~Transform.inverse`.
+
+        Args:
+            x: input of shape ``(*batch, *event)``.
+            context: optional conditioning tensor of shape ``(*batch, context_features)``.
+
+        Returns:
+            ``(y, ladj)`` as returned by ``transform.inverse(x, context)``; ``ladj`` has shape
+            ``(*batch,)``.
+        """
         return self.transform.inverse(x, context)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Applies the wrapped transform's :meth:`~Transform.forward`.
+
+        Args:
+            z: input of shape ``(*batch, *event)``.
+            context: optional conditioning tensor of shape ``(*batch, context_features)``.
+
+        Returns:
+            ``(x, ladj)`` as returned by ``transform(z, context)``; ``ladj`` has shape ``(*batch,)``.
+        """
         return self.transform(z, context)
 
     @property
@@ -145,9 +195,38 @@ class Compose(Transform):
         return x, ladj
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Applies the layers in order (data -> latent), summing their log-determinants.
+
+        Runs of couplings over the same partition are chained (see the class docstring) unless
+        :attr:`chain` is ``False``; ``context`` is passed to every layer.
+
+        Args:
+            x: data of shape ``(*batch, *event)``.
+            context: optional conditioning tensor of shape ``(*batch, context_features)``.
+
+        Returns:
+            ``(z, ladj)`` with ``ladj = sum_i log|det Df_i|`` of shape ``(*batch,)``.
+
+        Raises:
+            ValueError: If the composition holds no transforms.
+        """
         return self._run(x, context, inverse=False)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Applies the layers' inverses in reverse order (latent -> data), summing their log-determinants.
+
+        Chains run backwards as well: split once, the layers' inverses in reverse order, merge once.
+
+        Args:
+            z: latent of shape ``(*batch, *event)``.
+            context: optional conditioning tensor of shape ``(*batch, context_features)``.
+
+        Returns:
+            ``(x, ladj)`` with ``ladj = log|det Df^{-1}(z)|`` of shape ``(*batch,)``.
+
+        Raises:
+            ValueError: If the composition holds no transforms.
+        """
         return self._run(z, context, inverse=True)
 
     def __len__(self) -> int:
@@ -372,16 +451,49 @@ class FlowDistribution(Distribution):
         super().__init__(batch_shape=batch, event_shape=flow.event_shape, validate_args=False)
 
     def log_prob(self, value: Tensor) -> Tensor:
+        """The flow's log-density at ``value`` given this distribution's context (:meth:`Flow.log_prob`).
+
+        Args:
+            value: data of shape ``(*batch, *event_shape)``, broadcastable against the context's batch.
+
+        Returns:
+            ``log p(value | context)`` of shape ``(*batch,)``.
+        """
         return self.flow.log_prob(value, self.context)
 
     def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+        """Reparameterised samples (:meth:`Flow.sample` at temperature 1), differentiable in the parameters.
+
+        Args:
+            sample_shape: leading shape of the draws.
+
+        Returns:
+            Samples of shape ``(*sample_shape, *batch_shape, *event_shape)``.
+        """
         return self.flow.sample(sample_shape, self.context)
 
     def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+        """Same as :meth:`rsample`, under ``torch.no_grad()`` (no autograd graph is kept).
+
+        Args:
+            sample_shape: leading shape of the draws.
+
+        Returns:
+            Samples of shape ``(*sample_shape, *batch_shape, *event_shape)``.
+        """
         with torch.no_grad():
             return self.rsample(sample_shape)
 
     def rsample_and_log_prob(self, sample_shape=torch.Size()) -> tuple[Tensor, Tensor]:
+        """Reparameterised samples and their log-density in one pass (:meth:`Flow.sample_and_log_prob`).
+
+        Args:
+            sample_shape (torch.Size | Sequence[int]): leading shape of the draws.
+
+        Returns:
+            ``(x, log_prob)``: samples of shape ``(*sample_shape, *batch_shape, *event_shape)`` and
+            their log-density of shape ``(*sample_shape, *batch_shape)``.
+        """
         return self.flow.sample_and_log_prob(sample_shape, self.context)
 
     @property

@@ -53,13 +53,39 @@ class Mask(nn.Module):
     out_features: int
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Splits ``x`` into the conditioning and the transformed part.
+
+        Args:
+            x: input of shape ``(*batch, *event)``.
+
+        Returns:
+            ``(x_a, x_b)``: the conditioner's input, with ``in_features`` on the first event dim,
+            and the kernel's input, with ``out_features`` there; both keep ``x``'s other dims.
+        """
         raise NotImplementedError
 
     def merge(self, x_a: Tensor, y_b: Tensor) -> Tensor:
+        """Inverse of :meth:`split`: puts the conditioning part and the transformed part back together.
+
+        Args:
+            x_a: the conditioning part, as returned by :meth:`split`.
+            y_b: the (transformed) second part, of the shape of :meth:`split`'s ``x_b``.
+
+        Returns:
+            A tensor of the input's shape ``(*batch, *event)``.
+        """
         raise NotImplementedError
 
     def restrict(self, params: Tensor) -> Tensor:
-        """Zeroes the kernel parameters where the kernel must act as the identity (default: nowhere)."""
+        """Zeroes the kernel parameters where the kernel must act as the identity (default: nowhere).
+
+        Args:
+            params: the conditioner's output, ``kernel.params`` blocks of ``x_b``'s size along the
+                first event dim.
+
+        Returns:
+            ``params`` (same shape), zero where the kernel must leave its input unchanged.
+        """
         return params
 
 
@@ -103,6 +129,21 @@ class IndexMask(Mask):
             )
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Splits the first event dim of ``x`` into the indices ``cond`` and the rest.
+
+        Contiguous parts come back as views (``Tensor.split``), others as copies (``index_select``).
+
+        Args:
+            x: input of shape ``(*batch, features)`` (``event_dim=1``) or
+                ``(*batch, features, H, W)`` (``event_dim=3``).
+
+        Returns:
+            ``(x_a, x_b)`` with ``len(cond)`` and ``features - len(cond)`` entries on that dim, each
+            in increasing index order.
+
+        Raises:
+            ValueError: If the split dimension of ``x`` does not have size ``features``.
+        """
         self._check(x)
         dim = x.dim() - self.event_dim
         # one split node: its backward is a single cat (two narrows would each pad with zeros)
@@ -115,6 +156,15 @@ class IndexMask(Mask):
         return x.index_select(dim, self.cond_index), x.index_select(dim, self.trans_index)
 
     def merge(self, x_a: Tensor, y_b: Tensor) -> Tensor:
+        """Concatenates the two parts and puts every index back in its place.
+
+        Args:
+            x_a: the conditioning part, ``len(cond)`` entries on the split dim.
+            y_b: the transformed part, ``features - len(cond)`` entries on the split dim.
+
+        Returns:
+            A tensor of shape ``(*batch, features)`` or ``(*batch, features, H, W)``.
+        """
         dim = x_a.dim() - self.event_dim
         if self._first == "cond":
             return torch.cat([x_a, y_b], dim)
@@ -130,6 +180,9 @@ class HalfMask(IndexMask):
     """The first half (rounded up) conditions the rest (``flip=True``: the other way round).
 
     The rounding matches :class:`~pushforward.transforms.FactorOut`, which keeps the first half.
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
     """
 
     def __init__(self, features: int, flip: bool = False, event_dim: int = 1):
@@ -139,14 +192,23 @@ class HalfMask(IndexMask):
 
 
 class AlternatingMask(IndexMask):
-    """Even indices condition odd ones (``flip=True``: odd condition even); vectors."""
+    """Even indices condition odd ones (``flip=True``: odd condition even); vectors.
+
+    References:
+        Dinh, Krueger & Bengio, "NICE: Non-linear Independent Components Estimation", 2015.
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
+    """
 
     def __init__(self, features: int, flip: bool = False):
         super().__init__(features, list(range(int(flip), features, 2)))
 
 
 class ChannelMask(HalfMask):
-    """Half of the channels of ``(*, C, H, W)`` condition the other half (RealNVP, Glow)."""
+    """Half of the channels of ``(*, C, H, W)`` condition the other half (RealNVP, Glow).
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
+    """
 
     def __init__(self, channels: int, flip: bool = False):
         super().__init__(channels, flip, event_dim=3)
@@ -157,6 +219,9 @@ class CheckerboardMask(Mask):
 
     The conditioner sees ``x * m`` at full resolution; its outputs are zeroed on the
     conditioning pixels, where the kernel is then exactly the identity.
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
     """
 
     event_dim = 3
@@ -171,6 +236,18 @@ class CheckerboardMask(Mask):
         self.register_buffer("complement", 1 - m)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Masks ``x`` for the conditioner; the kernel sees all of ``x``.
+
+        Args:
+            x: images of shape ``(*batch, C, H, W)``.
+
+        Returns:
+            ``(x * mask, x)``, both of shape ``(*batch, C, H, W)``; the mask is 1 on the
+            conditioning pixels and 0 elsewhere.
+
+        Raises:
+            ValueError: If ``x`` does not end in ``(C, H, W)``.
+        """
         if tuple(x.shape[-3:]) != (self.channels, self.height, self.width):
             raise ValueError(
                 f"CheckerboardMask expects images of shape (*, {self.channels}, {self.height}, {self.width}), "
@@ -179,10 +256,27 @@ class CheckerboardMask(Mask):
         return x * self.mask, x
 
     def merge(self, x_a: Tensor, y_b: Tensor) -> Tensor:
+        """Takes the conditioning pixels from ``x_a`` and the others from ``y_b``.
+
+        Args:
+            x_a: the masked input ``x * mask``, shape ``(*batch, C, H, W)``.
+            y_b: the kernel's output, shape ``(*batch, C, H, W)``.
+
+        Returns:
+            ``x_a + y_b * (1 - mask)``, shape ``(*batch, C, H, W)``.
+        """
         # x_a = x * m exactly, so the conditioning pixels are returned bit for bit
         return x_a + y_b * self.complement
 
     def restrict(self, params: Tensor) -> Tensor:
+        """Zeroes the kernel parameters on the conditioning pixels (the kernel is the identity there).
+
+        Args:
+            params: the conditioner's output, shape ``(*batch, kernel.params * C, H, W)``.
+
+        Returns:
+            ``params * (1 - mask)``, same shape.
+        """
         return params * self.complement
 
     def extra_repr(self) -> str:
@@ -194,14 +288,38 @@ class CheckerboardMask(Mask):
 # The conditioner output holds `params` blocks of the transformed size along the split dim.
 # --------------------------------------------------------------------------------------------
 class AdditiveKernel:
-    """``y = x + t`` (NICE): volume preserving, ``log|det| = 0``."""
+    """``y = x + t`` (NICE): volume preserving, ``log|det| = 0``.
+
+    References:
+        Dinh, Krueger & Bengio, "NICE: Non-linear Independent Components Estimation", 2015.
+    """
 
     params = 1
 
     def forward(self, x: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
+        """``y = x + t``.
+
+        Args:
+            x: the transformed part ``x_b``, any shape.
+            params: the shift ``t``, of ``x``'s shape (``params = 1`` block along ``dim``).
+            dim: the split dimension (unused: there is a single block).
+
+        Returns:
+            ``(y, None)``: ``y`` of ``x``'s shape; ``None`` stands for all-zero log-derivatives.
+        """
         return x + params, None
 
     def inverse(self, y: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
+        """``x = y - t``.
+
+        Args:
+            y: the transformed part, any shape.
+            params: the shift ``t``, of ``y``'s shape.
+            dim: the split dimension (unused).
+
+        Returns:
+            ``(x, None)``: ``x`` of ``y``'s shape; ``None`` stands for all-zero log-derivatives.
+        """
         return y - params, None
 
     def __repr__(self) -> str:
@@ -212,6 +330,13 @@ class AffineKernel:
     """``y = x * exp(s) + t`` (RealNVP, Glow) with a bounded log-scale ``s = c * tanh(raw / c)``.
 
     The bound ``c`` keeps early training stable; ``log|dy/dx| = s`` exactly (never ``log(exp(s))``).
+
+    Args:
+        bound: the bound ``c`` on the absolute log-scale.
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
+        Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
 
     params = 2
@@ -224,10 +349,31 @@ class AffineKernel:
         return torch.tanh(raw * (1 / self.bound)) * self.bound, shift
 
     def forward(self, x: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
+        """``y = x * exp(s) + t``.
+
+        Args:
+            x: the transformed part ``x_b``, e.g. ``(*batch, D_b)`` or ``(*batch, C_b, H, W)``.
+            params: two blocks of ``x``'s size along ``dim``, raw log-scale then shift
+                (``(*batch, 2 * D_b)`` or ``(*batch, 2 * C_b, H, W)``).
+            dim: the dimension along which the blocks are stacked (negative, e.g. ``-1`` or ``-3``).
+
+        Returns:
+            ``(y, s)``: ``y`` and the elementwise ``log|dy/dx| = s``, both of ``x``'s shape.
+        """
         s, t = self._scale_shift(params, dim)
         return torch.addcmul(t, x, s.exp()), s
 
     def inverse(self, y: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
+        """``x = (y - t) * exp(-s)``.
+
+        Args:
+            y: the transformed part, of the shape of :meth:`forward`'s ``x``.
+            params: two blocks of ``y``'s size along ``dim`` (as in :meth:`forward`).
+            dim: the dimension along which the blocks are stacked.
+
+        Returns:
+            ``(x, -s)``: ``x`` and the elementwise ``log|dx/dy| = -s``, both of ``y``'s shape.
+        """
         s, t = self._scale_shift(params, dim)
         return (y - t) * torch.exp(-s), -s
 
@@ -243,11 +389,18 @@ class Coupling(Transform):
 
     Args:
         mask: a :class:`Mask` (e.g. ``HalfMask(D)``, ``ChannelMask(C)``, ``CheckerboardMask(C, H, W)``).
-        kernel: an elementwise kernel (``AdditiveKernel()``, ``AffineKernel()``, ...).
+        kernel (AdditiveKernel | AffineKernel | SplineKernel): an elementwise kernel
+            (``AdditiveKernel()``, ``AffineKernel()``, ``SplineKernel()``, ...): any object with an
+            integer ``params`` (blocks per transformed element) and ``forward``/``inverse`` methods
+            ``(x, params, dim) -> (y, logd)``.
         conditioner: a factory ``(in_features, out_features) -> nn.Module`` (e.g.
             ``functools.partial(MLP, hidden=(128, 128))``); the module is called as ``net(x_a)``
             or ``net(x_a, context)``. Zero-initialise its last layer so the layer starts as the
             identity (the conditioners of :mod:`pushforward.nn` do).
+
+    References:
+        Dinh, Krueger & Bengio, "NICE: Non-linear Independent Components Estimation", 2015.
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
     """
 
     def __init__(self, mask: Mask, kernel, conditioner: Conditioner):
@@ -264,6 +417,15 @@ class Coupling(Transform):
         return self.mask.split(x)
 
     def merge_parts(self, x_a: Tensor, x_b: Tensor) -> Tensor:
+        """Inverse of :meth:`split_parts` (the mask's :meth:`~Mask.merge`).
+
+        Args:
+            x_a: the conditioning part.
+            x_b: the transformed part.
+
+        Returns:
+            The full tensor, of shape ``(*batch, *event)``.
+        """
         return self.mask.merge(x_a, x_b)
 
     def transform_part(self, x_a: Tensor, x_b: Tensor, context: Tensor | None = None,
@@ -283,11 +445,34 @@ class Coupling(Transform):
         return sum_event(logd, self.mask.event_dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``z_a = x_a``, ``z_b = kernel(x_b; conditioner(x_a, context))`` (data -> latent).
+
+        Args:
+            x: data of shape ``(*batch, *event)`` (``(*batch, D)`` or ``(*batch, C, H, W)``).
+            context: optional conditioning tensor of shape ``(*batch, context_features)``, passed
+                to the conditioner.
+
+        Returns:
+            ``(z, ladj)``: ``z`` of ``x``'s shape and the kernel's log-derivatives summed over the
+            event, of shape ``(*batch,)`` (zeros for volume-preserving kernels).
+        """
         x_a, x_b = self.mask.split(x)
         y_b, logd = self.transform_part(x_a, x_b, context)
         return self.mask.merge(x_a, y_b), self._ladj(logd, x)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x_a = z_a``, ``x_b = kernel^{-1}(z_b; conditioner(z_a, context))`` (latent -> data).
+
+        One conditioner pass, since ``z_a = x_a``.
+
+        Args:
+            z: latent of shape ``(*batch, *event)``.
+            context: optional conditioning tensor of shape ``(*batch, context_features)``.
+
+        Returns:
+            ``(x, ladj)``: ``x`` of ``z``'s shape and ``log|det|`` of the inverse map, of shape
+            ``(*batch,)``.
+        """
         z_a, z_b = self.mask.split(z)
         x_b, logd = self.transform_part(z_a, z_b, context, inverse=True)
         return self.mask.merge(z_a, x_b), self._ladj(logd, z)

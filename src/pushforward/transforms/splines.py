@@ -31,7 +31,15 @@ class SplineKernel:
     Args:
         bins: number of bins ``K``.
         bound: half-width ``B`` of the spline's interval.
-        min_width, min_height, min_derivative: floors that keep bins and slopes away from zero.
+        min_width: floor on each bin's width, as a fraction of the interval (``min_width * bins < 1``).
+        min_height: floor on each bin's height, as a fraction of the interval (``min_height * bins < 1``).
+        min_derivative: floor on the derivatives at the interior knots (keeps slopes away from zero).
+
+    Raises:
+        ValueError: If ``bins < 1``, ``bound <= 0``, ``min_width * bins >= 1`` or ``min_height * bins >= 1``.
+
+    References:
+        Durkan, Bekasov, Murray & Papamakarios, "Neural Spline Flows", 2019.
     """
 
     def __init__(self, bins: int = 8, bound: float = 5.0, min_width: float = 1e-3, min_height: float = 1e-3,
@@ -77,6 +85,18 @@ class SplineKernel:
         return (v[..., None] >= knots[..., 1:-1]).sum(-1, keepdim=True)
 
     def forward(self, x: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        """Applies the spline elementwise; the identity outside ``[-bound, bound]``.
+
+        Args:
+            x: the transformed part ``x_b``, e.g. ``(*batch, D_b)`` or ``(*batch, C_b, H, W)``.
+            params: ``3 * bins - 1`` blocks of ``x``'s size along ``dim`` (raw widths, raw heights,
+                raw interior derivatives), e.g. ``(*batch, (3 * bins - 1) * D_b)``.
+            dim: the dimension along which the blocks are stacked (e.g. ``-1`` or ``-3``).
+
+        Returns:
+            ``(y, logd)``: ``y`` and the elementwise ``log|dy/dx|`` (0 outside the interval), both of
+            ``x``'s shape.
+        """
         xk, w, yk, h, d = self._spline(params, dim)
         inside = (x > -self.bound) & (x < self.bound)
         xc = x.clamp(-self.bound, self.bound)
@@ -92,6 +112,17 @@ class SplineKernel:
         return torch.where(inside, y, x), torch.where(inside, logd, torch.zeros_like(logd))
 
     def inverse(self, y: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        """Inverts the spline elementwise (a root of a quadratic per element); the identity outside.
+
+        Args:
+            y: the transformed part, of the shape of :meth:`forward`'s ``x``.
+            params: ``3 * bins - 1`` blocks of ``y``'s size along ``dim`` (as in :meth:`forward`).
+            dim: the dimension along which the blocks are stacked.
+
+        Returns:
+            ``(x, logd)``: ``x`` and the elementwise ``log|dx/dy|`` (0 outside the interval), both of
+            ``y``'s shape.
+        """
         xk, w, yk, h, d = self._spline(params, dim)
         inside = (y > -self.bound) & (y < self.bound)
         yc = y.clamp(-self.bound, self.bound)
