@@ -282,9 +282,12 @@ def run_training(spec: TaskSpec, args, log) -> TaskResult:
         fn()
     steps = args.steps or calibrate(fns[BARE], spec.round_s)
     log(f"   {args.rounds} rounds x {steps} steps per candidate (after {args.warmup} warm-up steps)")
+    cpu: dict[str, Stats] = {}
     stats = interleaved(
-        fns, rounds=args.rounds, steps=steps, warmup=args.warmup, log=log if args.verbose else None
+        fns, rounds=args.rounds, steps=steps, warmup=args.warmup, log=log if args.verbose else None, cpu=cpu
     )
+    if args.clock == "cpu":
+        stats = cpu
     return TaskResult(
         spec, steps, stats, compile_s, shapes, n_params, eager_fns={BARE: fns[BARE], EAGER: fns[EAGER]}
     )
@@ -330,9 +333,12 @@ def run_throughput(spec: TaskSpec, args, log) -> ThroughputResult:
     for fn in fns.values():
         fn()
     steps = {name: args.steps or calibrate(fn, spec.round_s / 4) for name, fn in fns.items()}
+    cpu: dict[str, Stats] = {}
     stats = interleaved(
-        fns, rounds=args.rounds, steps=steps, warmup=args.warmup, log=log if args.verbose else None
+        fns, rounds=args.rounds, steps=steps, warmup=args.warmup, log=log if args.verbose else None, cpu=cpu
     )
+    if args.clock == "cpu":
+        stats = cpu
     return ThroughputResult(spec, steps, stats, compile_s)
 
 
@@ -488,7 +494,11 @@ def report(args, command, revision, load0, load1, elapsed, train, tables, profil
         "",
         (
             f"Candidates interleaved round-robin: {args.rounds} rounds, each running every candidate for the same "
-            f"number of steps ({steps}) after {warm}; median over rounds with min-max. Ratios: ratio "
+            f"number of steps ({steps}) after {warm}; median over rounds with min-max. Clock: "
+            + ("**process CPU time** (`time.process_time`; on one thread it excludes the time the process waited "
+               "for a core held by other jobs, so the ratios are steadier on a shared machine). "
+               if args.clock == "cpu" else "wall time (`time.perf_counter`). ")
+            + "Ratios: ratio "
             "of the medians, with the range of the per-round ratios in brackets. *bare networks* = deep copies "
             "of the flow's conditioner networks run alone on inputs of the sizes they see inside the flow, loss "
             "= sum of the output means, backward, the same Adam (lr=1e-4). The flows train on "
@@ -559,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=None, help="warm-up calls per candidate (default 2; quick: 1)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time by wall clock (default) or by process CPU time (steadier on a busy machine; "
+                        "meaningful for --threads 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--backend",
