@@ -350,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the results of earlier invocations for the same jobs (out/NAME.json)",
     )
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--write", action="store_true",
+                   help="write BENCHMARKS.md even with --skip (the section lists the jobs left out)")
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -362,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(args.quick, args.toy_s, args.digits_s, args.fashion_s)
     if args.only:
         jobs = [j for j in jobs if j.group in args.only]
+    skipped = [j for j in jobs if j.name in args.skip]
     jobs = [j for j in jobs if j.name not in args.skip]
     calib = min(args.calib_s, 0.5) if args.quick else args.calib_s
     t0, load0 = time.monotonic(), os.getloadavg()[0]
@@ -384,12 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         + table(results)
         + "\n\n"
         + _provenance(results)
+        + "".join(f" Not run by this invocation (`--skip`): {j.data} `{j.recipe}`." for j in skipped)
         + "\n\nThe exact commands (the step counts are what the budget bought on this machine):\n\n"
         + commands(results)
     )
     say("\n" + text)
     (out / "baselines.json").write_text(json.dumps(results, indent=1))
-    if args.quick or args.only or args.skip or args.no_write:
+    if args.no_write or args.quick or args.only or (args.skip and not args.write):
         say("not writing BENCHMARKS.md (--quick, --only, --skip or --no-write)")
     else:
         say(f"wrote {write_section(SECTION, text)}")
