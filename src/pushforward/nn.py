@@ -21,6 +21,19 @@ def _zero(layer: nn.Module) -> nn.Module:
     return layer
 
 
+def _fresh_input_activation(activation: type[nn.Module]) -> nn.Module:
+    """The activation for a layer whose input is a fresh linear/conv output used nowhere else.
+
+    ReLU then runs in place: its backward needs only its output, and linear and convolution layers
+    save their inputs, not their outputs, so autograd is unaffected; the hidden activation is not
+    allocated twice (lower peak memory, most of all when sampling without gradients).
+    """
+    act = activation()
+    if type(act) is nn.ReLU:
+        act.inplace = True
+    return act
+
+
 class MLP(nn.Sequential):
     """A multilayer perceptron ``(*, in_features) -> (*, out_features)``.
 
@@ -45,7 +58,7 @@ class MLP(nn.Sequential):
         sizes = [in_features + context_features, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), activation()]
+            layers += [nn.Linear(a, b), _fresh_input_activation(activation)]
         last = nn.Linear(sizes[-1], out_features)
         layers.append(_zero(last) if zero_init else last)
         super().__init__(*layers)
@@ -103,7 +116,7 @@ class ConvNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels + context_channels, hidden_channels, 3, padding=1)
         self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 1)
         self.conv3 = _zero(nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
-        self.act = activation()
+        self.act = _fresh_input_activation(activation)  # applied to conv outputs only
         self.context = _ContextBias(context_features, hidden_channels) if context_features else None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
