@@ -174,6 +174,7 @@ def run_job(job: Job, out: Path, calib_s: float, validations: int) -> dict:
         "params": params,
         "eval": result,
         "command": "pushforward " + shlex.join(argv),
+        "revision": library_revision(),
         "eval_command": f"pushforward eval {run_dir}",
     }
 
@@ -374,9 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         "## Baselines: the default models after a fixed CPU budget\n\n"
         f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')} ({elapsed / 60:.0f} min wall); library at "
-        f"{library_revision()}.\n{machine_line()}; each run on 1 thread, {args.workers} side by side; 1-minute load "
-        f"average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n\n"
-        "Each run trains through `pushforward train` for a budget of **CPU time** spent in optimizer steps on one "
+        f"{library_revision()}.\n{machine_line()}; each run on 1 thread, {args.workers} side by side; "
+        + (f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n\n"
+           if not any(r.get("reused") for r in results) else
+           "the runs kept from earlier invocations (`--reuse`) may have shared the machine with other jobs: "
+           "their CPU-time budgets do not depend on that, their wall times do.\n\n")
+        + "Each run trains through `pushforward train` for a budget of **CPU time** spent in optimizer steps on one "
         "thread (its cost per step is measured first, the warm-up + cosine schedule spans exactly the steps that "
         "fit, validations are not counted, the best validation weights are kept), then `pushforward eval` scores "
         "the held-out test set: mean ± standard error over test examples. Images: uniform dequantization, bits/dim "
