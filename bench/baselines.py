@@ -89,26 +89,12 @@ def plan(quick: bool, toy_s: float, digits_s: float, fashion_s: float) -> list[J
 
 # -- one job (run in its own process: `--job`) ----------------------------------------------------------
 def cpu_per_step(config, calib_s: float) -> float:
-    """CPU seconds per optimizer step of the model ``config`` builds (a throwaway copy; first 3 steps not counted)."""
-    import dataclasses
-
+    """CPU seconds per optimizer step of the model ``config`` builds (:func:`bench.beyond.cpu_per_step`)."""
+    from bench.beyond import cpu_per_step as measure
     from pushforward.experiment import build_flow, load_dataset
-    from pushforward.train import fit
 
     ds = load_dataset(config)
-    flow = build_flow(config, ds)
-    cfg = dataclasses.replace(
-        config, max_steps=10**7, val_every=10**9, patience=0, progress=False, max_minutes=0.0, run_dir=""
-    )
-    marks: list[float] = []
-
-    def callback(step, loss, f):
-        marks.append(time.process_time())
-        if len(marks) > 4 and marks[-1] - marks[3] > calib_s:
-            raise KeyboardInterrupt  # fit treats it like Ctrl-C and stops
-
-    fit(flow, ds.train, ds.val, cfg, run_dir=None, callback=callback)
-    return (marks[-1] - marks[3]) / (len(marks) - 4)
+    return measure(build_flow(config, ds), ds.train, ds.val, config, calib_s)
 
 
 def run_job(job: Job, out: Path, calib_s: float, validations: int) -> dict:
