@@ -239,7 +239,7 @@ def build_pushforward(spec: TaskSpec) -> Built:
     if spec.kind == "image":
         flow = models.glow(spec.shape, levels=spec.levels, steps=spec.steps, hidden_channels=spec.hidden_channels,
                            split_prior=False, alpha=None)
-        notes = ["scale exp(3 tanh(a/3))"]
+        notes = ["scale exp(3 tanh(a/3))", "conditioners run in channels-last layout (pushforward.nn.ConvNet)"]
     elif spec.kernel == "spline":
         flow = models.nsf(spec.features, layers=spec.layers, hidden=spec.hidden, bins=spec.bins, bound=spec.bound,
                           mask=spec.mask)

@@ -11,7 +11,8 @@ rounds (:func:`bench.common.interleaved`), it times
   parameters, Adam state and data held before the step are not counted, gradients and activations are).
 
 Candidates: *limit* (the conditioner networks alone, plain ``nn.Sequential`` modules of the task's sizes
-run on inputs of the shapes they see inside the flow, no flow bookkeeping), *limit + input grads*
+run on inputs of the shapes they see inside the flow - images in channels-last layout, the fastest for
+oneDNN convolutions -, no flow bookkeeping), *limit + input grads*
 (diagnostic: inside a flow backward must also reach every conditioner's input), *pushforward eager*,
 *pushforward compiled* (``torch.compile(flow.log_prob, fullgraph=True, dynamic=False)``; sampling:
 ``torch.compile(flow.sample, ...)``), and each installed peer, eager, as shipped. Libraries that are
@@ -131,7 +132,10 @@ def _no_grad(fn) -> Callable[[], object]:
 def _limit_fns(spec: TaskSpec) -> tuple[dict[str, Callable], int]:
     nets, shapes = limit_networks(spec)
     g = torch.Generator().manual_seed(1)
+    # images in channels-last layout: oneDNN's convolutions are fastest on it (pushforward's ConvNet uses it), so
+    # the limit stays a lower bound on the cost of the networks
     inputs = [torch.randn(s, generator=g) for s in shapes]
+    inputs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs]
     inputs_g = [x.clone().requires_grad_(True) for x in inputs]
     nets_g = copy.deepcopy(nets)
     opt, opt_g = _adam(nets.parameters()), _adam(nets_g.parameters())
@@ -450,7 +454,8 @@ def speed_report(args, command, revision, load, elapsed, runs: dict[str, TaskRun
          "min-max over rounds. *Speed-up vs fastest peer* = the fastest peer's median time / this candidate's "
          "(above 1: faster than every peer), with the range of the per-round ratios; *cost vs limit* = this "
          "candidate's time / the limit's (the conditioner networks alone: for training their forward, "
-         "backward and Adam step; for log_prob and sampling their forward without grad). Peers run eager, "
+         "backward and Adam step; for log_prob and sampling their forward without grad; image inputs in channels-last "
+         "layout, the fastest for these convolutions). Peers run eager, "
          "as shipped. Adam lr 1e-4 everywhere; batch as in training for every figure."),
         "",
         (f"Wall time / (process CPU time / threads), median over every timed chunk: {contention(runs)} (1.00 on an "

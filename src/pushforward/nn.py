@@ -124,13 +124,18 @@ class ConvNet(nn.Module):
             if context is None:
                 raise ValueError(f"this ConvNet was built for a {self.context_channels}-channel context image; got none")
             x = torch.cat([x, context], dim=-3)
-        h = self.conv1(x)
+        h = self.conv1(_channels_last(x))
         if self.context is not None:
             if context is None:
                 raise ValueError("this ConvNet was built for a context; got none")
             h = self.context(h, context)
         h = self.conv2(self.act(h))
         return self.conv3(self.act(h))
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """A batch of images in channels-last layout (same values): oneDNN's convolutions run faster on it."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 class _Block(nn.Module):
@@ -177,7 +182,7 @@ class ResNet(nn.Module):
         self.context = _ContextBias(context_features, hidden_channels) if context_features else None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        h = self.stem(x)
+        h = self.stem(_channels_last(x))
         if self.context is not None:
             if context is None:
                 raise ValueError("this ResNet was built for a context; got none")
