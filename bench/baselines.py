@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +41,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench.common` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, command_line, library_revision, machine_line, markdown_table, write_section
+from bench.common import (
+    REPO,
+    command_line,
+    library_revision,
+    machine_line,
+    markdown_table,
+    run_subprocesses,
+    write_section,
+)
 
 SECTION = "baselines"
 TOY = ("moons", "circles", "8gaussians", "checkerboard", "2spirals", "pinwheel", "rings", "swissroll")
@@ -186,7 +193,6 @@ def run_all(
     """
     out.mkdir(parents=True, exist_ok=True)
     pending = sorted(jobs, key=lambda j: -j.budget_s)
-    running: list[tuple[Job, subprocess.Popen, Path]] = []
     results: dict[str, dict] = {}
     if reuse:  # results of an earlier invocation for the very same job are kept
         for job in list(pending):
@@ -199,40 +205,30 @@ def run_all(
                 )
                 pending.remove(job)
                 say(f"reuse {path}")
-    while pending or running:
-        while pending and len(running) < workers:
-            job = pending.pop(0)
-            path = out / f"{job.name}.json"
-            cmd = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--job",
-                json.dumps(job.__dict__),
-                "--out",
-                str(out),
-                "--calib-s",
-                str(calib_s),
-                "--validations",
-                str(validations),
-                "--result",
-                str(path),
-            ]
-            say(f"start {job.name} ({job.budget_s:.0f} CPU s)")
-            running.append(
-                (job, subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}), path)
-            )
-        time.sleep(1.0)
-        for item in list(running):
-            job, proc, path = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            if proc.returncode != 0:
-                for _, other, _ in running:
-                    other.terminate()
-                raise SystemExit(f"{job.name} failed (exit status {proc.returncode})")
-            results[job.name] = json.loads(path.read_text())
-            say(f"done {job.name}")
+    def command(job: Job) -> list[str]:
+        return [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--job",
+            json.dumps(job.__dict__),
+            "--out",
+            str(out),
+            "--calib-s",
+            str(calib_s),
+            "--validations",
+            str(validations),
+            "--result",
+            str(out / f"{job.name}.json"),
+        ]
+
+    def finished(job: Job, returncode: int, _output: str) -> None:
+        if returncode != 0:
+            raise SystemExit(f"{job.name} failed (exit status {returncode})")
+        results[job.name] = json.loads((out / f"{job.name}.json").read_text())
+        say(f"done {job.name}")
+
+    run_subprocesses(pending, command, workers, finished, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                     on_start=lambda job: say(f"start {job.name} ({job.budget_s:.0f} CPU s)"), poll_s=1.0)
     return [results[j.name] for j in jobs]
 
 

@@ -4,6 +4,7 @@
   in a rotating order), so slow drifts of a noisy, shared machine hit all candidates alike.
 * :class:`Stats` holds the per-round figures: median with min-max.
 * :func:`machine_line` says where the figures come from (CPU model, core count, torch, threads).
+* :func:`run_subprocesses` runs jobs as subprocesses, a few at a time (training runs side by side).
 * :func:`write_section` replaces one marked section of ``BENCHMARKS.md`` atomically, so every
   figure there is written by a script and never typed by hand.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "library_revision",
     "machine_line",
     "markdown_table",
+    "run_subprocesses",
     "seed_everything",
     "set_threads",
     "timed",
@@ -144,6 +146,47 @@ def calibrate(fn: Callable[[], object], target_s: float, minimum: int = 2, maxim
         fn()
     one = (time.perf_counter() - t0) / n
     return max(minimum, min(maximum, round(target_s / max(one, 1e-9))))
+
+
+def run_subprocesses(
+    items: Sequence[object],
+    command: Callable[[object], list[str]],
+    workers: int,
+    on_exit: Callable[[object, int, str], None],
+    *,
+    on_start: Callable[[object], None] | None = None,
+    capture: bool = False,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    poll_s: float = 0.1,
+) -> None:
+    """Runs ``command(item)`` for every item as a subprocess, at most ``workers`` at a time, in order.
+
+    ``on_exit(item, returncode, output)`` is called as each process ends (``output``: its stdout and
+    stderr when ``capture``, else ``""``: the process then prints to this one's terminal). If a
+    callback raises, the processes still running are terminated and the exception propagates.
+    """
+    pending, running = list(items), []
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                item = pending.pop(0)
+                if on_start is not None:
+                    on_start(item)
+                out = subprocess.PIPE if capture else None
+                proc = subprocess.Popen(command(item), stdout=out, stderr=subprocess.STDOUT if capture else None,
+                                        text=True, env=env, cwd=cwd)
+                running.append((item, proc))
+            time.sleep(poll_s)
+            for entry in list(running):
+                item, proc = entry
+                if proc.poll() is None:
+                    continue
+                running.remove(entry)
+                on_exit(item, proc.returncode, proc.stdout.read() if capture and proc.stdout else "")
+    finally:
+        for _, proc in running:
+            proc.terminate()
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:

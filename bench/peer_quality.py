@@ -30,10 +30,10 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 if __package__ in (None, ""):
@@ -41,6 +41,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from bench.common import run_subprocesses
 from bench.peer_models import Missing, Unsupported, available, build, task_specs
 
 QUALITY_TASKS = ("moons", "8gaussians", "checkerboard", "digits", "fashion-mnist")
@@ -66,6 +67,7 @@ class QualityResult:
     test_stderr: float = math.nan
     gap: float = math.nan  # 2-D: test NLL - true entropy (nats)
     params: int = 0
+    seed: int = 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ def train_one(lib: str, task: str, budget_s: float, seed: int, quick: bool, cloc
     from pushforward.data import toy_entropy
     from pushforward.metrics import bits_per_dim, mean_and_stderr
 
-    res = QualityResult(lib, task, "ok", budget_s=budget_s)
+    res = QualityResult(lib, task, "ok", budget_s=budget_s, seed=seed)
     if not available(lib):
         res.status, res.message = "missing", f"{lib} not installed"
         return res
@@ -211,7 +213,7 @@ def train_one(lib: str, task: str, budget_s: float, seed: int, quick: bool, cloc
         h = toy_entropy(task)
         if h is not None:
             res.gap = mean - h
-    log(f"  {lib:11s} {task:13s} {res.status:8s} steps {step:6d}, best val {res.val:.4f} at step {res.best_step}, "
+    log(f"  {lib:11s} {task:13s} seed {seed} {res.status:8s} steps {step:6d}, best val {res.val:.4f} at step {res.best_step}, "
         f"test {res.test:.4f} +- {res.test_stderr:.4f}" + (f", gap {res.gap:.4f} nats" if math.isfinite(res.gap) else ""))
     return res
 
@@ -219,40 +221,44 @@ def train_one(lib: str, task: str, budget_s: float, seed: int, quick: bool, cloc
 # ------------------------------------------------------------------------------------------------
 # Orchestration: one process per (library, task), ``jobs`` at a time
 # ------------------------------------------------------------------------------------------------
-def run_quality(tasks, libraries, budget_scale: float, seed: int, quick: bool, clock: str, jobs: int,
+def run_quality(tasks, libraries, budget_scale: float, seeds: Sequence[int], quick: bool, clock: str, jobs: int,
                 log=print) -> list[QualityResult]:
+    """Trains every library on every task once per seed, ``jobs`` worker processes at a time."""
     # longest budgets first, so that parallel jobs finish together
-    units = sorted(((task, lib) for task in tasks for lib in libraries), key=lambda u: -BUDGET_S[u[0]])
-    results: dict[tuple[str, str], QualityResult] = {}
-    running: list[tuple[tuple[str, str], subprocess.Popen, str]] = []
+    units = sorted(((task, lib, seed) for task in tasks for lib in libraries for seed in seeds),
+                   key=lambda u: -BUDGET_S[u[0]])
+    results: dict[tuple[str, str, int], QualityResult] = {}
     tmp = tempfile.mkdtemp(prefix="peers_quality_")
     script = os.path.abspath(__file__)
-    while units or running:
-        while units and len(running) < jobs:
-            task, lib = units.pop(0)
-            out = os.path.join(tmp, f"{task}-{lib}.json")
-            budget = BUDGET_S[task] * budget_scale
-            cmd = [sys.executable, script, "--worker", lib, task, str(budget), str(seed), out, clock] + (["--quick"] if quick else [])
-            log(f"  start {lib} on {task} (budget {budget:.1f} s {clock} time)")
-            running.append(((task, lib), subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out))
-        time.sleep(0.05)
-        for item in list(running):
-            key, proc, out = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            text = proc.stdout.read() if proc.stdout else ""
-            if proc.returncode == 0 and os.path.exists(out):
-                with open(out) as f:
-                    results[key] = QualityResult(**json.load(f))
-                for line in text.splitlines():
-                    if line.startswith("  "):
-                        log(line)
-            else:
-                tail = " | ".join(text.strip().splitlines()[-3:])
-                results[key] = QualityResult(key[1], key[0], "error", f"worker exited {proc.returncode}: {tail[-300:]}")
-                log(f"  {key[1]} on {key[0]}: ERROR {results[key].message}")
-    return [results[(t, lib)] for t in tasks for lib in libraries]
+
+    def out_path(unit: tuple[str, str, int]) -> str:
+        return os.path.join(tmp, "{}-{}-{}.json".format(*unit))
+
+    def command(unit: tuple[str, str, int]) -> list[str]:
+        task, lib, seed = unit
+        budget = BUDGET_S[task] * budget_scale
+        return [sys.executable, script, "--worker", lib, task, str(budget), str(seed), out_path(unit), clock] + (
+            ["--quick"] if quick else [])
+
+    def finished(unit: tuple[str, str, int], returncode: int, text: str) -> None:
+        out = out_path(unit)
+        if returncode == 0 and os.path.exists(out):
+            with open(out) as f:
+                results[unit] = QualityResult(**json.load(f))
+            for line in text.splitlines():
+                if line.startswith("  "):
+                    log(line)
+        else:
+            tail = " | ".join(text.strip().splitlines()[-3:])
+            results[unit] = QualityResult(unit[1], unit[0], "error", f"worker exited {returncode}: {tail[-300:]}",
+                                          seed=unit[2])
+            log(f"  {unit[1]} on {unit[0]} (seed {unit[2]}): ERROR {results[unit].message}")
+
+    def started(unit: tuple[str, str, int]) -> None:
+        log(f"  start {unit[1]} on {unit[0]}, seed {unit[2]} (budget {BUDGET_S[unit[0]] * budget_scale:.1f} s {clock} time)")
+
+    run_subprocesses(units, command, jobs, finished, on_start=started, capture=True, poll_s=0.05)
+    return [results[(t, lib, seed)] for t in tasks for lib in libraries for seed in seeds]
 
 
 def _worker(argv: list[str]) -> int:

