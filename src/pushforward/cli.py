@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .runtime import tune_allocator
+
 __all__ = ["main"]
 
 
@@ -452,6 +454,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    tune_allocator()  # reuse freed memory instead of page-faulting fresh pages every step (see runtime.py)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
