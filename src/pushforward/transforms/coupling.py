@@ -375,7 +375,8 @@ class AffineKernel:
             ``(x, -s)``: ``x`` and the elementwise ``log|dx/dy| = -s``, both of ``y``'s shape.
         """
         s, t = self._scale_shift(params, dim)
-        return (y - t) * torch.exp(-s), -s
+        neg_s = -s
+        return (y - t) * neg_s.exp(), neg_s
 
     def __repr__(self) -> str:
         return f"AffineKernel(bound={self.bound})"
