@@ -594,6 +594,13 @@ def quality_report(args, command, revision, results, elapsed) -> str:
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.peer_quality import QUALITY_TASKS
 
@@ -619,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every quality budget (smoke runs)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="quality budget clock (default cpu)")
     p.add_argument("--jobs", type=int, default=1, help="quality runs side by side (1 thread each)")
-    p.add_argument("--quality-seeds", type=int, default=1,
+    p.add_argument("--quality-seeds", type=_positive_int, default=1,
                    help="train every library with this many seeds (--seed, --seed + 1, ...); the verdicts use the means")
     p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick")

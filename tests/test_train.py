@@ -79,6 +79,8 @@ def test_resume_equals_uninterrupted(tmp_path, moons):
     history = fit(small_flow(), train, val, config_b, callback=stop_at_23)
     assert history.stop_reason == "interrupted" and history.step == 23
     assert read_state(tmp_path / "b" / "run")["step"] == 23
+    # fit uses the fused Adam kernel, and a resumed run keeps it (the flag travels in the checkpoint)
+    assert [g["fused"] for g in read_state(tmp_path / "b" / "run")["optimizer"]["param_groups"]] == [True]
     resumed = fit(small_flow(seed=99), train, val, config_b, resume=True)  # init is overwritten by the checkpoint
     assert resumed.step == 46 and resumed.stop_reason == "completed"
     wa, wb = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")

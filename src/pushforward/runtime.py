@@ -2,8 +2,9 @@
 
 On CPU, torch allocates every tensor with the C library's ``malloc``. glibc serves large blocks (the
 activations of a training step: megabytes) with fresh ``mmap`` pages and returns them to the system
-on ``free``, so each step touches new pages and pays a page fault per 4 KiB: 15-20% of a Glow
-training step on one thread, measured on this project's machine. :func:`tune_allocator` makes glibc
+on ``free`` once enough is free at the top of the heap, so each step touches new pages and pays a
+page fault per 4 KiB: about 10,000 faults and 10-15% of a Glow training step on one thread, measured on
+this project's machine. :func:`tune_allocator` makes glibc
 keep freed memory in the heap and reuse it: the same effect as the allocators (jemalloc, tcmalloc)
 that PyTorch's CPU performance guide suggests preloading, without a dependency. The process then
 keeps its peak memory instead of giving it back between steps, which a training run reaches on its
@@ -29,7 +30,7 @@ def tune_allocator() -> bool:
     """Makes glibc's ``malloc`` reuse freed heap memory instead of mapping fresh pages each time.
 
     Sets ``M_MMAP_MAX = 0`` (large blocks come from the heap, not from ``mmap``) and a trim
-    threshold of 1 TiB (freed memory stays in the process). Does nothing off Linux/glibc or when the
+    threshold of 2 GiB (freed memory stays in the process). Does nothing off Linux/glibc or when the
     environment variable ``PUSHFORWARD_TUNE_MALLOC`` is ``0``.
 
     Returns:
