@@ -157,9 +157,10 @@ class Compose(Transform):
     log-determinants are added up per half and summed over the event once, and the halves are
     merged once at the end. Without grad (evaluation, sampling) each layer's log-determinants are
     summed over the event at once instead: no elementwise accumulator is held while the
-    conditioners run, which lowers sampling's peak memory. The result is the same as calling the layers one by one (tested); it
-    saves a split, a merge and a reduction per layer. Set ``chain = False`` to call every layer on
-    its own (layers whose ``forward`` was patched, e.g. for gradient checkpointing, always are).
+    conditioners run, which lowers sampling's peak memory. The result is the same as calling the
+    layers one by one (tested); it saves a split, a merge and a reduction per layer. Set
+    ``chain = False`` to call every layer on its own (layers whose ``forward`` was patched, e.g. for
+    gradient checkpointing, always are).
     """
 
     #: Run consecutive couplings over the same partition as one chain (see the class docstring).
@@ -274,30 +275,29 @@ def _run_chain(layers: list[Transform], sides: tuple[bool, ...], x: Tensor, cont
     the conditioning part of the chain's anchor (its first layer in data -> latent order).
     """
     anchor = layers[-1] if inverse else layers[0]
-    a, b = anchor.split_parts(x)
-    acc_a = acc_b = None
     event_dim = anchor.partition[2]
-    reduce = not torch.is_grad_enabled()
+    # with grad, elementwise log-derivatives are added per half and summed once (one reduction for the
+    # chain); without grad each is summed at once, so no elementwise accumulator outlives its layer
+    reduce_now = not torch.is_grad_enabled()
+    a, b = anchor.split_parts(x)
+    acc_a = acc_b = ladj = None
     for t, on_a in zip(layers, sides):
         if on_a:
             b, l = t.transform_part(a, b, context, inverse)
-            if l is not None:
-                if reduce:
-                    l = sum_event(l, event_dim)
-                acc_b = l if acc_b is None else acc_b + l
         else:
             a, l = t.transform_part(b, a, context, inverse)
-            if l is not None:
-                if reduce:
-                    l = sum_event(l, event_dim)
-                acc_a = l if acc_a is None else acc_a + l
+        if l is None:
+            continue
+        if reduce_now:
+            l = sum_event(l, event_dim)
+            ladj = l if ladj is None else ladj + l
+        elif on_a:
+            acc_b = l if acc_b is None else acc_b + l
+        else:
+            acc_a = l if acc_a is None else acc_a + l
     y = anchor.merge_parts(a, b)
-    if reduce:
-        ladj = acc_a if acc_b is None else acc_b if acc_a is None else acc_a + acc_b
-        return y, x.new_zeros(x.shape[: x.dim() - event_dim]) if ladj is None else ladj
     if acc_a is not None and acc_b is not None and acc_a.shape == acc_b.shape:
         return y, sum_event(acc_a + acc_b, event_dim)
-    ladj = None
     for acc in (acc_a, acc_b):
         if acc is not None:
             s = sum_event(acc, event_dim)
@@ -305,7 +305,6 @@ def _run_chain(layers: list[Transform], sides: tuple[bool, ...], x: Tensor, cont
     if ladj is None:
         return y, x.new_zeros(x.shape[: x.dim() - event_dim])
     return y, ladj
-
 
 class Flow(nn.Module):
     """A normalizing flow: the pushforward of ``base`` through the inverse of ``transform``.
