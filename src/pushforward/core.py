@@ -98,12 +98,6 @@ class Transform(nn.Module):
         """The inverse transform, as a module sharing this one's parameters."""
         return Inverse(self)
 
-    #: ``(conditioning indices, transformed indices, event_dim)`` for a layer that splits its input by
-    #: index and changes only the transformed part (a coupling with an index mask), else ``None``.
-    #: Such layers also provide ``split_parts``, ``merge_parts`` and ``transform_part``, and
-    #: :class:`Compose` chains consecutive ones over the same two index sets.
-    partition: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
-
 
 class Inverse(Transform):
     """Swaps the two directions of ``transform`` (sharing its parameters).
@@ -151,20 +145,10 @@ class Compose(Transform):
     The only place that loops over layers and sums their log-determinants:
     ``log|det Df(x)| = sum_i log|det Df_i(y_{i-1})|`` (lecture: function composition).
 
-    Consecutive layers that split the input into the same two index sets (couplings with half or
-    alternating masks, in either orientation: :attr:`Transform.partition`) are run as one chain:
-    the input is split once, each layer updates one half in place of the other, their elementwise
-    log-determinants are added up per half and summed over the event once, and the halves are
-    merged once at the end. Without grad (evaluation, sampling) each layer's log-determinants are
-    summed over the event at once instead: no elementwise accumulator is held while the
-    conditioners run, which lowers sampling's peak memory. The result is the same as calling the
-    layers one by one (tested); it saves a split, a merge and a reduction per layer. Set
-    ``chain = False`` to call every layer on its own (layers whose ``forward`` was patched, e.g. for
-    gradient checkpointing, always are).
+    Every layer is called through ``nn.Module.__call__`` (forward) or its ``inverse``, one by one,
+    and nothing about the layers is cached: replacing or appending a layer, hooks,
+    ``torch.nn.utils.parametrize``, weight or spectral norm and ``.to()`` all take effect at once.
     """
-
-    #: Run consecutive couplings over the same partition as one chain (see the class docstring).
-    chain: bool = True
 
     def __init__(self, *transforms: Transform):
         super().__init__()
@@ -174,38 +158,14 @@ class Compose(Transform):
             if not isinstance(t, Transform):
                 raise TypeError(f"Compose expects Transform modules, got {type(t).__name__} at position {i}")
         self.transforms = nn.ModuleList(transforms)
-        self._segments = _chain_segments(list(transforms))
-
-    def _run(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        ladj = None
-        modules = list(self.transforms)
-        if not self._segments or self._segments[-1][1] != len(modules):  # layers added after construction
-            self._segments = _chain_segments(modules)
-        for start, stop, sides in reversed(self._segments) if inverse else self._segments:
-            layers = modules[start:stop]
-            if sides is not None and self.chain and not any("forward" in t.__dict__ for t in layers):
-                if inverse:
-                    x, l = _run_chain(layers[::-1], sides[::-1], x, context, inverse=True)
-                else:
-                    x, l = _run_chain(layers, sides, x, context, inverse=False)
-                ladj = l if ladj is None else ladj + l
-                continue
-            for t in reversed(layers) if inverse else layers:
-                x, l = t.inverse(x, context) if inverse else t(x, context)
-                ladj = l if ladj is None else ladj + l
-        if ladj is None:
-            raise ValueError("Compose() of no transforms has no batch shape; add at least one transform")
-        return x, ladj
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Applies the layers in order (data -> latent), summing their log-determinants.
 
-        Runs of couplings over the same partition are chained (see the class docstring) unless
-        :attr:`chain` is ``False``; ``context`` is passed to every layer.
-
         Args:
             x: data of shape ``(*batch, *event)``.
-            context: optional conditioning tensor of shape ``(*batch, context_features)``.
+            context: optional conditioning tensor of shape ``(*batch, context_features)``, passed
+                to every layer.
 
         Returns:
             ``(z, ladj)`` with ``ladj = sum_i log|det Df_i|`` of shape ``(*batch,)``.
@@ -213,12 +173,14 @@ class Compose(Transform):
         Raises:
             ValueError: If the composition holds no transforms.
         """
-        return self._run(x, context, inverse=False)
+        ladj = None
+        for t in self.transforms:
+            x, l = t(x, context)
+            ladj = l if ladj is None else ladj + l
+        return x, self._total(ladj)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Applies the layers' inverses in reverse order (latent -> data), summing their log-determinants.
-
-        Chains run backwards as well: split once, the layers' inverses in reverse order, merge once.
 
         Args:
             z: latent of shape ``(*batch, *event)``.
@@ -230,7 +192,17 @@ class Compose(Transform):
         Raises:
             ValueError: If the composition holds no transforms.
         """
-        return self._run(z, context, inverse=True)
+        ladj = None
+        for t in reversed(self.transforms):
+            z, l = t.inverse(z, context)
+            ladj = l if ladj is None else ladj + l
+        return z, self._total(ladj)
+
+    @staticmethod
+    def _total(ladj: Tensor | None) -> Tensor:
+        if ladj is None:
+            raise ValueError("Compose() of no transforms has no batch shape; add at least one transform")
+        return ladj
 
     def __len__(self) -> int:
         return len(self.transforms)
@@ -238,73 +210,6 @@ class Compose(Transform):
     def __getitem__(self, i: int) -> Transform:
         return self.transforms[i]
 
-
-def _chain_segments(transforms: list[Transform]) -> list[tuple[int, int, tuple[bool, ...] | None]]:
-    """Groups consecutive layers with the same :attr:`Transform.partition` into chains.
-
-    Returns ``(start, stop, sides)`` per segment; ``sides[j]`` says whether layer ``start + j``
-    conditions on the chain's first part (that of layer ``start``); ``None`` for a single layer.
-    """
-    segments: list[tuple[int, int, tuple[bool, ...] | None]] = []
-    i = 0
-    while i < len(transforms):
-        first = transforms[i].partition
-        sides = [True]
-        j = i + 1
-        while first is not None and j < len(transforms):
-            p = transforms[j].partition
-            if p is None or p[2] != first[2]:
-                break
-            if (p[0], p[1]) == (first[0], first[1]):
-                sides.append(True)
-            elif (p[0], p[1]) == (first[1], first[0]):
-                sides.append(False)
-            else:
-                break
-            j += 1
-        segments.append((i, j, tuple(sides) if j - i > 1 else None))
-        i = j
-    return segments
-
-
-def _run_chain(layers: list[Transform], sides: tuple[bool, ...], x: Tensor, context: Tensor | None,
-               inverse: bool) -> tuple[Tensor, Tensor]:
-    """Runs couplings over one partition: split once, update the halves in turn, merge once.
-
-    ``layers`` are in call order; ``sides[j]`` is whether ``layers[j]`` conditions on part ``a``,
-    the conditioning part of the chain's anchor (its first layer in data -> latent order).
-    """
-    anchor = layers[-1] if inverse else layers[0]
-    event_dim = anchor.partition[2]
-    # with grad, elementwise log-derivatives are added per half and summed once (one reduction for the
-    # chain); without grad each is summed at once, so no elementwise accumulator outlives its layer
-    reduce_now = not torch.is_grad_enabled()
-    a, b = anchor.split_parts(x)
-    acc_a = acc_b = ladj = None
-    for t, on_a in zip(layers, sides):
-        if on_a:
-            b, l = t.transform_part(a, b, context, inverse)
-        else:
-            a, l = t.transform_part(b, a, context, inverse)
-        if l is None:
-            continue
-        if reduce_now:
-            l = sum_event(l, event_dim)
-            ladj = l if ladj is None else ladj + l
-        elif on_a:
-            acc_b = l if acc_b is None else acc_b + l
-        else:
-            acc_a = l if acc_a is None else acc_a + l
-    y = anchor.merge_parts(a, b)
-    if acc_a is not None and acc_b is not None and acc_a.shape == acc_b.shape:
-        return y, sum_event(acc_a + acc_b, event_dim)
-    for acc in (acc_a, acc_b):
-        if acc is not None:
-            s = sum_event(acc, event_dim)
-            ladj = s if ladj is None else ladj + s
-    if ladj is None:
-        return y, x.new_zeros(x.shape[: x.dim() - event_dim])
-    return y, ladj
 
 class Flow(nn.Module):
     """A normalizing flow: the pushforward of ``base`` through the inverse of ``transform``.

@@ -409,28 +409,9 @@ class Coupling(Transform):
         self.mask = mask
         self.kernel = kernel
         self.net = conditioner(mask.in_features, mask.out_features * kernel.params)
-        if isinstance(mask, IndexMask):  # lets Compose chain consecutive couplings over the same halves
-            self.partition = (mask.cond, mask.trans, mask.event_dim)
 
-    # -- the parts protocol of Compose's chains (see Transform.partition) ---------------------------
-    def split_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x_a, x_b)``: the conditioning and the transformed part."""
-        return self.mask.split(x)
-
-    def merge_parts(self, x_a: Tensor, x_b: Tensor) -> Tensor:
-        """Inverse of :meth:`split_parts` (the mask's :meth:`~Mask.merge`).
-
-        Args:
-            x_a: the conditioning part.
-            x_b: the transformed part.
-
-        Returns:
-            The full tensor, of shape ``(*batch, *event)``.
-        """
-        return self.mask.merge(x_a, x_b)
-
-    def transform_part(self, x_a: Tensor, x_b: Tensor, context: Tensor | None = None,
-                       inverse: bool = False) -> tuple[Tensor, Tensor | None]:
+    def _transform_part(self, x_a: Tensor, x_b: Tensor, context: Tensor | None,
+                        inverse: bool) -> tuple[Tensor, Tensor | None]:
         """The transformed part and the kernel's elementwise log-derivatives (``None``: all zero)."""
         params = self._params(x_a, context)
         dim = -self.mask.event_dim
@@ -458,7 +439,7 @@ class Coupling(Transform):
             event, of shape ``(*batch,)`` (zeros for volume-preserving kernels).
         """
         x_a, x_b = self.mask.split(x)
-        y_b, logd = self.transform_part(x_a, x_b, context)
+        y_b, logd = self._transform_part(x_a, x_b, context, inverse=False)
         return self.mask.merge(x_a, y_b), self._ladj(logd, x)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -475,7 +456,7 @@ class Coupling(Transform):
             ``(*batch,)``.
         """
         z_a, z_b = self.mask.split(z)
-        x_b, logd = self.transform_part(z_a, z_b, context, inverse=True)
+        x_b, logd = self._transform_part(z_a, z_b, context, inverse=True)
         return self.mask.merge(z_a, x_b), self._ladj(logd, z)
 
     def extra_repr(self) -> str:
