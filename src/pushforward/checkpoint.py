@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import _safetensors, save
+from .io import _dtype_of, _safetensors, dtype_mismatches, save
 
 __all__ = ["CHECKPOINT", "checkpoint_dir", "load_checkpoint", "read_state", "save_checkpoint"]
 
@@ -204,9 +204,12 @@ def load_checkpoint(path: str | os.PathLike, flow, optimizer: torch.optim.Optimi
                     restore_rng: bool = True) -> dict[str, Any]:
     """Loads weights (and optimizer / RNG state) into ``flow`` and ``optimizer``; returns the JSON state.
 
+    Nothing is cast: ``flow`` must have the dtypes the checkpoint was written with (a float64 run
+    resumes with a float64 flow), else it is a ``ValueError`` rather than a silent rounding.
+
     Raises:
         FileNotFoundError: no checkpoint there.
-        ValueError: a corrupted file, a hash mismatch, or a checkpoint of a different architecture.
+        ValueError: a corrupted file, a hash mismatch, a checkpoint of a different architecture or dtype.
     """
     st = _safetensors()
     ckpt = checkpoint_dir(path)
@@ -224,6 +227,11 @@ def load_checkpoint(path: str | os.PathLike, flow, optimizer: torch.optim.Optimi
     except Exception as e:
         raise ValueError(f"checkpoint in {ckpt} could not be read as safetensors ({e})") from e
     device = next((p.device for p in flow.parameters()), torch.device("cpu"))
+    if bad := dtype_mismatches(flow, weights):  # load_state_dict would cast them silently
+        raise ValueError(
+            f"checkpoint file {model_file} holds tensors of another dtype than the flow ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); convert the flow first, e.g. flow.to({_dtype_of(weights)})"
+        )
     try:
         flow.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=True)
     except RuntimeError as e:

@@ -2,6 +2,8 @@
 
 A recipe-built flow (``flow.config`` set) is rebuilt from its recipe name and arguments, then its
 weights are loaded strictly, so a mismatched or corrupted file is a clear error, never code execution.
+Loading is exact: every tensor comes back with the dtype and the bits it was saved with (a float64
+flow stays float64), and a tensor whose dtype cannot be matched is an error, never a silent cast.
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from .core import Flow
 
-__all__ = ["save", "load"]
+__all__ = ["load", "save"]
 
 _KEY = "pushforward_config"
 
@@ -44,6 +48,44 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def _dtype_of(state: dict[str, Tensor]) -> torch.dtype | None:
+    """The most common floating-point dtype among ``state``'s tensors (``None`` if there is none)."""
+    counts = Counter(v.dtype for v in state.values() if v.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def dtype_mismatches(module: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """``"key: saved -> module"`` for every entry of ``state`` whose dtype differs from ``module``'s tensor."""
+    own = module.state_dict()
+    return [f"{k}: {v.dtype} -> {own[k].dtype}" for k, v in state.items() if k in own and own[k].dtype != v.dtype]
+
+
+def _match_dtypes(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Converts a freshly built ``module`` to the dtypes of ``state``, so loading it casts nothing.
+
+    The whole module (non-persistent buffers included, which carry the dtype of samples) first
+    goes to ``state``'s most common floating dtype; a floating tensor saved in another dtype (a
+    mixed-precision model) is then converted on its own. A dtype mismatch of a non-floating tensor
+    (an index, a flag) means the file does not fit the architecture: ``ValueError``.
+    """
+    dtype = _dtype_of(state)
+    if dtype is not None:
+        module.to(dtype)
+    own = module.state_dict()
+    for key, saved in state.items():
+        if key not in own or own[key].dtype == saved.dtype:
+            continue  # a missing / unexpected key is reported by the strict load
+        if not (saved.is_floating_point() and own[key].is_floating_point()):
+            raise ValueError(f"{key} is saved as {saved.dtype}, the architecture has {own[key].dtype}")
+        owner_name, _, name = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        with torch.no_grad():
+            if name in owner._parameters:
+                owner._parameters[name].data = owner._parameters[name].data.to(saved.dtype)
+            else:
+                owner._buffers[name] = owner._buffers[name].to(saved.dtype)
+
+
 def save(flow: Flow, path: str | os.PathLike) -> None:
     """Writes ``flow``'s weights and recipe to one ``.safetensors`` file, atomically.
 
@@ -67,7 +109,9 @@ def save(flow: Flow, path: str | os.PathLike) -> None:
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Flow:
     """Rebuilds a flow saved by :func:`save`: its recipe from the JSON record, then its weights.
 
-    Nothing is unpickled, so loading an untrusted file cannot run code.
+    Nothing is unpickled, so loading an untrusted file cannot run code. The flow comes back in the
+    precision it was saved in: every tensor has its saved dtype and exactly its saved value (a
+    float64 flow is rebuilt in float64, not rounded to float32).
 
     Args:
         path: a file written by :func:`save` (or a run's ``best.safetensors``).
@@ -96,7 +140,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> F
         raise ValueError(f"{path} has no pushforward architecture record; was it written by pushforward.save?")
     flow = build(json.loads(metadata[_KEY]))
     try:
+        _match_dtypes(flow, state)
         flow.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path} does not match the architecture it records: {e}") from e
+    if bad := dtype_mismatches(flow, state):  # pragma: no cover - _match_dtypes converted them all
+        raise ValueError(f"{path}: tensors changed dtype on loading: {', '.join(bad)}")
     return flow.to(map_location)

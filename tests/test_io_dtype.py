@@ -1,0 +1,150 @@
+"""Saving and loading keep every tensor's dtype and bits: a float64 flow comes back float64, unrounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pushforward as pf
+from pushforward import models
+from pushforward.checkpoint import load_checkpoint, save_checkpoint
+
+_GLOW = {"shape": [1, 8, 8], "levels": 2, "steps": 1, "hidden_channels": 4}
+
+# one small instance of every recipe (a new recipe must be added here: see the coverage test)
+BUILDERS = {
+    "nice": lambda: models.nice(4, layers=2, hidden=(8,)),
+    "realnvp": lambda: models.realnvp(4, layers=2, hidden=(8,), context_features=3),
+    "realnvp_image": lambda: models.realnvp_image((1, 8, 8), levels=2, hidden_channels=4, blocks=1),
+    "glow": lambda: models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4),
+    "maf": lambda: models.maf(4, layers=2, hidden=(8,)),
+    "iaf": lambda: models.iaf(4, layers=2, hidden=(8,)),
+    "nsf": lambda: models.nsf(4, layers=2, hidden=(8,), bins=4),
+    "dequantized": lambda: models.dequantized({"recipe": "glow", "kwargs": _GLOW}, levels=16, layers=1,
+                                              hidden_channels=4),
+    "vae": lambda: models.RECIPES["vae"]((4,), latent=2, hidden=(8,)),
+}
+DTYPES = [torch.float32, torch.float64]
+
+
+def test_every_recipe_is_covered():
+    assert set(models.RECIPES) <= set(BUILDERS), f"add {set(models.RECIPES) - set(BUILDERS)} to BUILDERS"
+
+
+def _inputs(flow, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(5, *flow.event_shape, generator=g, dtype=torch.float64) * 0.9 + 0.05).to(dtype)
+    c = torch.randn(5, 3, generator=g, dtype=torch.float64).to(dtype) if flow.config["kwargs"].get(
+        "context_features") else None
+    return x, c
+
+
+def _log_prob(flow, x, c):
+    torch.manual_seed(3)  # the VAE's bound samples its latent
+    with torch.no_grad():
+        return flow.log_prob(x, c)
+
+
+def _trained_looking(name, dtype):
+    """A flow in ``dtype`` whose every floating tensor holds values that float32 cannot represent
+    (float64 noise added after the data-dependent init), so any rounding shows."""
+    torch.manual_seed(0)
+    flow = BUILDERS[name]().to(dtype)
+    x, c = _inputs(flow, dtype)
+    _log_prob(flow, x, c)  # ActNorm's data-dependent initialisation
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in flow.state_dict().values():
+            if t.is_floating_point():
+                t.add_((0.01 * torch.randn(t.shape, generator=g, dtype=torch.float64)).to(dtype))
+    return flow
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_save_load_is_bit_exact_in_every_dtype(name, dtype, tmp_path):
+    flow = _trained_looking(name, dtype)
+    path = tmp_path / "flow.safetensors"
+    pf.save(flow, path)
+    loaded = pf.load(path)
+    assert loaded._dtype() == dtype
+    saved, back = flow.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys()
+    for key, value in saved.items():
+        assert back[key].dtype == value.dtype, key
+        assert torch.equal(back[key], value), key  # bit-exact, not merely close
+    # non-persistent buffers (the dtype of samples) follow too
+    assert [b.dtype for b in loaded.buffers()] == [b.dtype for b in flow.buffers()]
+    x, c = _inputs(flow, dtype)
+    a, b = _log_prob(flow, x, c), _log_prob(loaded, x, c)
+    assert b.dtype == dtype
+    assert torch.equal(a, b)
+
+
+def test_mixed_precision_flow_keeps_each_tensor_dtype(tmp_path):
+    flow = _trained_looking("realnvp", torch.float64)
+    flow.transform.transforms[0].float()  # one layer in float32, the rest float64
+    path = tmp_path / "mixed.safetensors"
+    pf.save(flow, path)
+    loaded = pf.load(path)
+    for (key, value), back in zip(flow.state_dict().items(), loaded.state_dict().values()):
+        assert back.dtype == value.dtype and torch.equal(back, value), key
+
+
+def test_integer_dtype_mismatch_is_an_error(tmp_path):
+    import json
+
+    import safetensors.torch as st
+
+    flow = BUILDERS["glow"]()
+    path = tmp_path / "f.safetensors"
+    pf.save(flow, path)
+    state = st.load_file(str(path))
+    key = next(k for k, v in state.items() if not v.is_floating_point())  # ActNorm's flag
+    state[key] = state[key].to(torch.uint8)
+    st.save_file(state, str(path), metadata={"pushforward_config": json.dumps(flow.config)})
+    with pytest.raises(ValueError, match="uint8"):
+        pf.load(path)
+
+
+def test_checkpoint_refuses_to_cast_and_restores_float64_exactly(tmp_path):
+    flow = _trained_looking("glow", torch.float64)
+    opt = torch.optim.Adam(flow.parameters())
+    save_checkpoint(tmp_path, flow, opt, {"step": 1})
+    wrong = BUILDERS["glow"]()  # float32
+    with pytest.raises(ValueError, match="dtype"):
+        load_checkpoint(tmp_path, wrong, restore_rng=False)
+    right = BUILDERS["glow"]().double()
+    load_checkpoint(tmp_path, right, torch.optim.Adam(right.parameters()), restore_rng=False)
+    for (key, value), back in zip(flow.state_dict().items(), right.state_dict().values()):
+        assert back.dtype == value.dtype and torch.equal(back, value), key
+    # the checkpoint's model file is a flow file too
+    loaded = pf.load(tmp_path / "checkpoint" / "model.safetensors")
+    assert loaded._dtype() == torch.float64
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), flow.state_dict().values()))
+
+
+def test_resumed_float64_run_restores_unrounded_best_weights(tmp_path):
+    """``fit`` resumes a float64 run with the best weights read back from ``best.safetensors``:
+    they must be the float64 weights, not float32-rounded ones."""
+    from pushforward.config import config_from_dict
+    from pushforward.data.toy import toy_sample
+    from pushforward.train import fit
+
+    train, val = toy_sample("moons", 256, seed=0).double(), toy_sample("moons", 128, seed=1).double()
+    config = config_from_dict({"data": "moons", "batch_size": 64, "lr": 1e-3, "warmup_steps": 1, "max_steps": 4,
+                               "val_every": 2, "patience": 0, "progress": False, "seed": 3,
+                               "run_dir": str(tmp_path / "run")})
+
+    def flow():
+        torch.manual_seed(0)
+        return models.realnvp(2, layers=2, hidden=(8,)).double()
+
+    first = flow()
+    fit(first, train, val, config)
+    again = flow()
+    history = fit(again, train, val, config, resume=True)  # nothing left to train: restores the best weights
+    assert history.stop_reason == "completed"
+    for (key, value), back in zip(first.state_dict().items(), again.state_dict().values()):
+        assert back.dtype == value.dtype == torch.float64 or not value.is_floating_point(), key
+        assert torch.equal(back, value), key
