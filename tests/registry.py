@@ -79,6 +79,7 @@ mlp_ctx = functools.partial(MLP, hidden=(16,), context_features=3)
 conv = functools.partial(ConvNet, hidden_channels=8)
 conv_ctx = functools.partial(ConvNet, hidden_channels=8, context_features=3)
 resnet = functools.partial(ResNet, hidden_channels=8, blocks=1)
+resnet_ctx = functools.partial(ResNet, hidden_channels=8, blocks=1, context_features=3)
 
 CASES: dict[str, Case] = {
     # pointwise
@@ -104,6 +105,7 @@ CASES: dict[str, Case] = {
     "affine_alternating": Case(lambda: Coupling(AlternatingMask(V), AffineKernel(), mlp), (V,)),
     "affine_alternating_flip": Case(lambda: Coupling(AlternatingMask(V, flip=True), AffineKernel(), mlp), (V,)),
     "affine_context": Case(lambda: Coupling(HalfMask(V), AffineKernel(), mlp_ctx), (V,), context=3),
+    "additive_context": Case(lambda: Coupling(AlternatingMask(V), AdditiveKernel(), mlp_ctx), (V,), context=3),
     "inverse_coupling": Case(lambda: Inverse(Coupling(HalfMask(V), AffineKernel(), mlp)), (V,)),
     "compose": Case(lambda: Compose(ActNorm(V), LULinear(V), Coupling(HalfMask(V), AffineKernel(), mlp), Tanh()), (V,)),
     "spline_half": Case(lambda: Coupling(HalfMask(V), SplineKernel(bins=4, bound=2.0), mlp), (V,)),
@@ -115,6 +117,14 @@ CASES: dict[str, Case] = {
     "maf_additive": Case(lambda: Autoregressive(V, AdditiveKernel(), hidden=(16,)), (V,)),
     "maf_spline": Case(lambda: Autoregressive(V, SplineKernel(bins=4, bound=2.0), hidden=(16,)), (V,)),
     "maf_context": Case(lambda: Autoregressive(V, AffineKernel(), hidden=(16,), context_features=3), (V,), context=3),
+    "maf_context_1d": Case(lambda: Autoregressive(1, AffineKernel(), hidden=(16,), context_features=3), (1,), context=3),
+    "maf_context_no_hidden": Case(lambda: Autoregressive(V, AffineKernel(), hidden=(), context_features=3), (V,),
+                                  context=3),
+    "maf_spline_context": Case(
+        lambda: Autoregressive(V, SplineKernel(bins=4, bound=2.0), hidden=(16,), context_features=3), (V,), context=3
+    ),
+    "iaf_context": Case(lambda: Inverse(Autoregressive(V, AffineKernel(), hidden=(16,), context_features=3)), (V,),
+                        context=3),
     "iaf_affine": Case(lambda: Inverse(Autoregressive(V, AffineKernel(), hidden=(16,))), (V,)),
     # image-shaped
     "img_leaky_relu": Case(lambda: LeakyReLU(0.3, event_dim=3), IMG),
@@ -129,6 +139,8 @@ CASES: dict[str, Case] = {
     "img_affine_checkerboard": Case(lambda: Coupling(CheckerboardMask(2, 4, 4), AffineKernel(), resnet), IMG),
     "img_checkerboard_flip": Case(lambda: Coupling(CheckerboardMask(2, 4, 4, flip=True), AffineKernel(), conv), IMG),
     "img_affine_context": Case(lambda: Coupling(ChannelMask(2), AffineKernel(), conv_ctx), IMG, context=3),
+    "img_checkerboard_context": Case(lambda: Coupling(CheckerboardMask(2, 4, 4), AffineKernel(), resnet_ctx), IMG,
+                                     context=3),
     "img_spline_checkerboard": Case(
         lambda: Coupling(CheckerboardMask(2, 4, 4), SplineKernel(bins=4, bound=2.0), conv), IMG
     ),
@@ -145,10 +157,22 @@ CASES: dict[str, Case] = {
     "nsf_autoregressive": Case(
         lambda: models.nsf(V, layers=2, hidden=(16,), bins=4, bound=2.0, autoregressive=True).transform, (V,)
     ),
+    "maf_recipe_context": Case(lambda: models.maf(V, layers=2, hidden=(16,), context_features=3).transform, (V,),
+                               context=3),
+    "nsf_autoregressive_context": Case(
+        lambda: models.nsf(V, layers=2, hidden=(16,), bins=4, bound=2.0, autoregressive=True,
+                           context_features=3).transform, (V,), context=3
+    ),
+    "realnvp_context": Case(lambda: models.realnvp(V, layers=3, hidden=(16,), context_features=3).transform, (V,),
+                            context=3),
     "realnvp_image": Case(
         lambda: models.realnvp_image((1, 4, 4), levels=2, hidden_channels=8, blocks=1).transform, (1, 4, 4),
         unit_interval=True,
     ),
     "glow": Case(lambda: models.glow((1, 4, 4), levels=2, steps=2, hidden_channels=8).transform, (1, 4, 4),
                  unit_interval=True),
+    "glow_context": Case(
+        lambda: models.glow((1, 4, 4), levels=2, steps=2, hidden_channels=8, context_features=3).transform,
+        (1, 4, 4), context=3, unit_interval=True,
+    ),
 }

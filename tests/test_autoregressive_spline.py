@@ -12,32 +12,64 @@ from pushforward.nn import MADE, MLP
 from pushforward.transforms import AffineKernel, Autoregressive, Coupling, HalfMask, SplineKernel
 
 
-def test_made_is_autoregressive_in_its_jacobian():
+@pytest.mark.parametrize("context_features", [0, 2], ids=["plain", "context"])
+def test_made_is_autoregressive_in_its_jacobian(context_features):
     torch.manual_seed(0)
     d, p = 6, 3
-    made = MADE(d, p, hidden=(32, 32)).double()
+    made = MADE(d, p, hidden=(32, 32), context_features=context_features).double()
     with torch.no_grad():
         for w in made.parameters():
             w.add_(torch.randn_like(w))
     x = torch.randn(d, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(made, x).reshape(p, d, d)  # (param, output feature, input)
+    c = torch.randn(context_features, dtype=torch.float64) if context_features else None
+    jac = torch.autograd.functional.jacobian(lambda v: made(v, c), x).reshape(p, d, d)  # (param, output, input)
     strictly_lower = torch.ones(d, d).tril(-1).bool()
     assert (jac[:, ~strictly_lower] == 0).all(), "an output depends on itself or a later input"
     assert (jac[:, strictly_lower] != 0).all(), "MADE lost a connection it should have"
+    if context_features:  # the context has degree 0: every output, the first feature's included, sees it
+        jac_c = torch.autograd.functional.jacobian(lambda v: made(x, v), c).reshape(p, d, context_features)
+        assert (jac_c.abs().sum(-1) != 0).all(), "an output does not depend on the context"
 
 
+@pytest.mark.parametrize(("hidden", "context_features"), [((16, 16), 0), ((16, 16), 3), ((), 3)],
+                         ids=["plain", "context", "context_no_hidden"])
 @pytest.mark.parametrize("inverse", [False, True], ids=["maf", "iaf"])
-def test_autoregressive_transform_jacobian_is_triangular(inverse):
+def test_autoregressive_transform_jacobian_is_triangular(inverse, hidden, context_features):
     torch.manual_seed(0)
-    t = Autoregressive(5, AffineKernel(), hidden=(16, 16)).double()
+    t = Autoregressive(5, AffineKernel(), hidden=hidden, context_features=context_features).double()
     t = Inverse(t) if inverse else t
     with torch.no_grad():
         for w in t.parameters():
             w.add_(0.3 * torch.randn_like(w))
     x = torch.randn(5, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(lambda v: t(v[None])[0][0], x)
+    c = torch.randn(1, context_features, dtype=torch.float64) if context_features else None
+    jac = torch.autograd.functional.jacobian(lambda v: t(v[None], c)[0][0], x)
     assert (jac.triu(1) == 0).all()
     assert (jac.tril(-1) != 0).any()
+
+
+def test_conditional_maf_learns_a_conditional_density():
+    """x | c ~ N(c, 0.1^2), c ~ N(0, 1): the true conditional NLL is -0.88 nats, the best unconditional
+    one 1.42. A 1-D MAF whose MADE kept the context from ``z_1`` stayed at 1.43."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+
+    def draw(n):
+        c = torch.randn(n, 1, generator=g)
+        return c + 0.1 * torch.randn(n, 1, generator=g), c
+
+    flow = models.maf(1, layers=2, hidden=(32,), context_features=1)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(300):
+        x, c = draw(256)
+        loss = -flow.log_prob(x, c).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, c = draw(4096)
+    with torch.no_grad():
+        nll = -flow.log_prob(x, c).mean().item()
+    assert nll < -0.5, f"test NLL {nll:.3f} nats; the true conditional NLL is -0.88, the unconditional 1.42"
 
 
 def _random_spline_params(n, d, kernel, scale=3.0, seed=0):

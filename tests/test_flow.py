@@ -139,6 +139,39 @@ def test_context_batches_samples_over_contexts():
     assert not torch.allclose(flow.log_prob(x[:, 0], c[0]), flow.log_prob(x[:, 0], c[1]))
 
 
+_CONDITIONAL_RECIPES = {
+    "maf_1d": lambda: models.maf(1, layers=2, hidden=(16,), context_features=2),
+    "maf_3d": lambda: models.maf(3, layers=2, hidden=(16,), context_features=2),
+    "maf_3d_one_layer": lambda: models.maf(3, layers=1, hidden=(16,), context_features=2),
+    "iaf_1d": lambda: models.iaf(1, layers=2, hidden=(16,), context_features=2),
+    "nsf_autoregressive_1d": lambda: models.nsf(1, layers=2, hidden=(16,), autoregressive=True, context_features=2),
+    "nsf_autoregressive_3d": lambda: models.nsf(3, layers=2, hidden=(16,), autoregressive=True, context_features=2),
+    "nice": lambda: models.nice(3, layers=2, hidden=(16,), context_features=2),
+    "realnvp": lambda: models.realnvp(3, layers=2, hidden=(16,), context_features=2),
+    "nsf_coupling": lambda: models.nsf(3, layers=2, hidden=(16,), context_features=2),
+    "realnvp_image": lambda: models.realnvp_image((1, 4, 4), levels=2, hidden_channels=8, blocks=1,
+                                                  context_features=2),
+    "glow": lambda: models.glow((1, 4, 4), levels=2, steps=2, hidden_channels=8, context_features=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CONDITIONAL_RECIPES))
+def test_conditional_recipes_depend_on_context(name):
+    """Every conditional recipe, moved off its zero (identity) init, gives each point a density that
+    depends on the context: a conditional MADE once kept the context from ``z_1``, so 1-D MAF and
+    autoregressive NSF had the same ``log_prob`` for every context."""
+    torch.manual_seed(0)
+    flow = _CONDITIONAL_RECIPES[name]().double()
+    shape = tuple(flow.event_shape)
+    x = torch.rand(6, *shape, dtype=torch.float64) * 0.9 + 0.05  # in (0, 1): also valid for the image flows
+    c1, c2 = torch.randn(2, 6, 2, dtype=torch.float64)
+    flow.log_prob(x, c1)  # ActNorm's data-dependent initialisation, before the perturbation
+    _perturb(flow, 0.3)
+    with torch.no_grad():
+        lp1, lp2 = flow.log_prob(x, c1), flow.log_prob(x, c2)
+    assert (lp1 != lp2).all(), f"log_prob ignores the context: {lp1.tolist()} vs {lp2.tolist()}"
+
+
 def test_diagonal_normal_base_temperature():
     base = DiagonalNormal(3)
     with torch.no_grad():

@@ -11,6 +11,7 @@ from pushforward.transforms import ActNorm
 from registry import CASES
 
 IDS = sorted(CASES)
+CONTEXT_IDS = [name for name in IDS if CASES[name].context]
 
 
 def _run(t, x, c, inverse=False):
@@ -61,6 +62,40 @@ def test_inverse_ladj_matches_autograd_jacobian(name):
     torch.testing.assert_close(ladj[0], torch.linalg.slogdet(jac)[1], atol=1e-8, rtol=1e-8)
 
 
+@pytest.mark.parametrize("name", CONTEXT_IDS)
+def test_context_reaches_every_output(name):
+    """Moving the context moves every output the transform does not pass through, and the ladj.
+
+    An output element is *passed through* where, under both contexts, it equals an input element of
+    its sample exactly: a coupling's conditioning part (the identity by construction) and a spline's
+    linear tails (outside ``[-bound, bound]`` the kernel is the identity, whatever its parameters),
+    possibly moved by a permutation. Every other element must change when the context changes, and
+    so must each sample's ``ladj`` unless the transform is volume preserving (``ladj`` exactly 0,
+    e.g. additive kernels) or passes the whole sample through. A conditional MADE whose first
+    output never saw the context fails this.
+    """
+    case = CASES[name]
+    t = case.make()
+    x, c = case.data(n=8)
+    c2 = c + torch.randn(c.shape, generator=torch.Generator().manual_seed(3), dtype=c.dtype)
+    with torch.no_grad():
+        z1, l1 = t(x, c)
+        z2, l2 = t(x, c2)
+    inputs = x.flatten(1)[:, None, :]
+    passed = ((z1.flatten(1)[..., None] == inputs).any(-1) & (z2.flatten(1)[..., None] == inputs).any(-1))
+    passed = passed.reshape(z1.shape)
+    blind = (z1 == z2) & ~passed
+    assert not blind.any(), (
+        f"{int(blind.sum())} of {blind.numel()} output elements ignore the context; "
+        f"per coordinate: {blind.sum(0).flatten().tolist()}"
+    )
+    assert not passed.all()
+    if (l1 == 0).all() and (l2 == 0).all():
+        return  # volume preserving: nothing to move
+    transformed = (~passed).flatten(1).any(1)
+    assert (l1 != l2)[transformed].all(), f"ladj ignores the context: {l1.tolist()} vs {l2.tolist()}"
+
+
 @pytest.mark.parametrize("name", IDS)
 def test_gradients_reach_every_parameter(name):
     case = CASES[name]
@@ -71,8 +106,12 @@ def test_gradients_reach_every_parameter(name):
     x2, _ = t.inverse(z.detach(), c)
     (z.square().sum() - ladj.sum() + x2.square().sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    modules = dict(t.named_modules())
     for pname, p in t.named_parameters():
         assert p.grad is not None, f"no gradient reached {pname}"
+        owner = modules[pname.rpartition(".")[0]]
+        if pname.endswith("weight") and isinstance(getattr(owner, "mask", None), torch.Tensor) and not owner.mask.any():
+            continue  # a masked layer without connections (a 1-D MADE's input layer: z_1 sees no x)
         assert p.grad.abs().sum() > 0, f"zero gradient at {pname}"
 
 
@@ -133,7 +172,8 @@ def test_actnorm_initialises_to_zero_mean_unit_variance():
     assert torch.allclose(z2.std(dim=(0, 2, 3)), 10 * z.std(dim=(0, 2, 3)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["affine_half_flip", "img_affine_checkerboard", "img_affine_channel", "realnvp"])
+@pytest.mark.parametrize("name", ["affine_half_flip", "img_affine_checkerboard", "img_affine_channel", "realnvp",
+                                  "maf_context", "maf_context_1d", "maf_context_no_hidden", "img_checkerboard_context"])
 def test_couplings_start_as_identity(name):
     torch.manual_seed(0)
     case = CASES[name]

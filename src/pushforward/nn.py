@@ -207,13 +207,19 @@ class MADE(nn.Module):
     """Masked autoencoder: output block ``j`` of feature ``i`` depends only on inputs ``< i``.
 
     Maps ``(*, features)`` to ``(*, params * features)`` laid out as ``params`` blocks of
-    ``features`` (the layout every kernel reads). The context, if any, reaches every hidden unit.
-    The last layer is zero-initialised.
+    ``features`` (the layout every kernel reads). The last layer is zero-initialised.
+
+    Degrees: input ``i`` has degree ``i`` (1-based), a hidden unit of degree ``k`` sees the inputs
+    of degree ``<= k`` and output ``i`` the hidden units of degree ``< i``. The context, if any,
+    has degree 0: it reaches every hidden unit, and with a context the hidden degrees start at 0,
+    so units that see the context alone feed the first output too (without them ``z_1`` could not
+    depend on the context). Without hidden layers the context feeds every output directly.
 
     Args:
         features: ``D``.
         params: parameters per feature (the kernel's ``params``).
-        hidden: hidden layer sizes (each at least ``D - 1`` for full connectivity).
+        hidden: hidden layer sizes (each at least ``D - 1``, or ``D`` with a context, for full
+            connectivity).
         context_features: size of an optional context.
 
     References:
@@ -226,16 +232,26 @@ class MADE(nn.Module):
         self.features, self.params, self.context_features = features, params, context_features
         degrees = [torch.arange(1, features + 1)]
         for h in hidden:
-            degrees.append(torch.arange(h) % max(features - 1, 1) + 1)
+            if context_features:  # degrees 0..D-1, degree 0 seeing the context alone
+                degrees.append(torch.arange(h) % features)
+            else:  # degrees 1..D-1
+                degrees.append(torch.arange(h) % max(features - 1, 1) + 1)
         layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(degrees[:-1], degrees[1:])):
+        for d_in, d_out in zip(degrees[:-1], degrees[1:]):
             mask = (d_out[:, None] >= d_in[None, :]).float()
             layers += [_MaskedLinear(len(d_in), len(d_out), mask), activation()]
         out_degrees = torch.arange(1, features + 1).repeat(params)
         last = _MaskedLinear(len(degrees[-1]), features * params, (out_degrees[:, None] > degrees[-1][None, :]).float())
         layers.append(_zero(last))
         self.net = nn.Sequential(*layers)
-        self.context = nn.Linear(context_features, hidden[0]) if context_features and hidden else None
+        # the context enters the first layer's pre-activation, unmasked (degree 0 is allowed everywhere);
+        # without hidden layers that is the output, so it starts at zero like the last layer
+        if not context_features:
+            self.context = None
+        elif hidden:
+            self.context = nn.Linear(context_features, hidden[0])
+        else:
+            self.context = _zero(nn.Linear(context_features, features * params))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if self.context is None:
