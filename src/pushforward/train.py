@@ -7,6 +7,11 @@ a cosine-decaying learning rate, and gradient-norm clipping. It validates every 
 ``metrics.jsonl`` / ``metrics.csv``, and writes a resumable checkpoint (see
 :mod:`pushforward.checkpoint`) after every validation, on Ctrl-C and when the time budget runs out.
 
+Data-dependent layers (ActNorm) that are not yet initialised are initialised from the first
+training batch (:func:`pushforward.initialize`) before anything else evaluates the flow; layers
+already initialised -- a resumed run, a loaded flow, or your own ``pushforward.initialize`` -- are
+kept, so a resumed run never re-initialises.
+
 Reproducibility: the data order of epoch ``e`` is a permutation seeded from ``(seed, e)`` and the
 dequantization noise of each batch from ``(seed, e, batch)``, so a resumed run continues exactly
 where it stopped and ends with the same weights as an uninterrupted one.
@@ -63,6 +68,7 @@ from .core import Flow
 from .distributed import Distributed, LossStep
 from .distributed import resolve_device as _resolve_device
 from .distributed import setup as setup_distributed
+from .initialization import data_dependent, initialize_layers
 from .io import atomic_write, save
 
 __all__ = [
@@ -170,14 +176,15 @@ class _Data:
             return None
         return F.one_hot(self.labels[index], self.classes).to(dtype)
 
-    def nll(self, flow: Flow, index: Tensor, seed: int, dtype: torch.dtype, device: torch.device,
-            variational: bool, shard: slice | None = None) -> Tensor:
-        """Per-example training loss in nats (with gradients): ``-log p(y | c)``, plus ``log q(u | x)``
-        with the flow's variational dequantizer; the noise is seeded by ``seed``.
+    def inputs(self, flow: Flow, index: Tensor, seed: int, dtype: torch.dtype, device: torch.device,
+               variational: bool, shard: slice | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """What the flow sees of the batch ``index``: ``(y, context, log q(u | x))``, on ``device``.
 
-        ``shard``: this process's part of the global batch ``index``. The uniform noise is drawn for
-        the whole global batch and then sliced, so the shards together are the one-process batch;
-        the variational noise is drawn for the shard only, seeded by ``(seed, shard.start)``.
+        ``y`` is the (dequantized) data; ``log_q`` is ``None`` without a variational dequantizer.
+        The noise is seeded by ``seed``. ``shard``: this process's part of the global batch
+        ``index``. The uniform noise is drawn for the whole global batch and then sliced, so the
+        shards together are the one-process batch; the variational noise is drawn for the shard
+        only, seeded by ``(seed, shard.start)``.
         """
         context = self.context(index, dtype)
         if context is not None and shard is not None:
@@ -188,11 +195,19 @@ class _Data:
                 index, seed = index[shard], seed_from(seed, shard.start)
             with _seeded(seed, device):
                 y, log_q = flow.dequantizer(self.images[index].to(device), dtype)
-            return -flow.log_prob(y, context) + log_q
+            return y, context, log_q
         x = self.get(index, seed, dtype)
         if shard is not None:
             x = x[shard]
-        return -flow.log_prob(x.to(device), context)
+        return x.to(device), context, None
+
+    def nll(self, flow: Flow, index: Tensor, seed: int, dtype: torch.dtype, device: torch.device,
+            variational: bool, shard: slice | None = None) -> Tensor:
+        """Per-example training loss in nats (with gradients) of the batch of :meth:`inputs`:
+        ``-log p(y | c)``, plus ``log q(u | x)`` with the flow's variational dequantizer."""
+        y, context, log_q = self.inputs(flow, index, seed, dtype, device, variational, shard)
+        nll = -flow.log_prob(y, context)
+        return nll if log_q is None else nll + log_q
 
     def bits_per_dim(self, nll: float) -> float | None:
         if self.levels is None:
@@ -387,6 +402,9 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
         callback: ``callback(step, loss, flow)`` after every optimizer step; raising
             ``KeyboardInterrupt`` there acts like Ctrl-C.
 
+    Data-dependent layers not yet initialised are initialised from the first training batch
+    (see the module docstring); to initialise from another batch, call :func:`pushforward.initialize` first.
+
     Returns:
         The :class:`History`. ``flow`` holds the best validation weights if ``config.restore_best``.
 
@@ -521,6 +539,21 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
         if out is not None and dist.is_main:
             _write_metrics(out, hist.rows, row)
         return row
+
+    # Data-dependent layers (ActNorm) are initialised explicitly from the first training batch, before
+    # anything evaluates the flow. Layers already initialised (a resumed run, a loaded flow, or
+    # pushforward.initialize called by the user) keep their parameters: resuming is exact.
+    flow.train()
+    pending = [m for m in data_dependent(flow) if not bool(m.initialized)]
+    if pending:
+        epoch, pos = divmod(step, steps_per_epoch)
+        g = torch.Generator().manual_seed(seed_from(config.seed, 0, epoch))
+        idx = torch.randperm(train.n, generator=g)[pos * bs : (pos + 1) * bs]
+        with torch.no_grad():
+            y, c, _ = train.inputs(flow, idx, seed_from(config.seed, 3, epoch, pos), dtype, device, variational,
+                                   dist.shard(bs) if dist.enabled else None)
+        initialize_layers(flow, y, c, pending)
+        del y, c
 
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not (config.progress and dist.is_main),
                mininterval=0.5, desc=f"train {config.data}", leave=True)

@@ -7,6 +7,7 @@ Every class here takes ``event_dim``, the number of trailing dimensions that for
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -205,14 +206,32 @@ class ElementwiseAffine(Transform):
 
 
 class ActNorm(ElementwiseAffine):
-    """Per-channel affine layer initialised from the first batch it sees (data -> latent direction).
+    """Per-channel affine layer initialised from data (data -> latent direction).
 
-    After initialisation each feature of that batch has zero mean and unit variance. The
-    initialised state is a buffer, so it survives ``state_dict`` round trips.
+    Until it is initialised it is the identity. The first non-empty batch its ``forward`` sees in
+    training mode initialises it -- or :func:`pushforward.initialize` does, from a batch of your
+    choice -- so that each feature of that batch has zero mean and unit variance. In eval mode an
+    uninitialised layer stays the identity, so evaluating a model (validation before the first
+    training step, :func:`pushforward.train.evaluate`) never initialises it from evaluation data.
+    The initialised state is a buffer, so it survives ``state_dict`` round trips.
+
+    A batch that cannot define the statistics never poisons the layer: an empty batch leaves it
+    uninitialised (the next batch initialises it); a feature without measurable variance in the
+    batch (a single sample, a constant channel: variance zero or lost in rounding) keeps scale 1 and
+    is only centred, with a warning; non-finite statistics (NaN or infinite inputs) are a
+    ``ValueError`` that leaves the layer unchanged.
+
+    Args:
+        features: size of the first event dimension (channels for images).
+        event_dim: 1 for ``(*, D)`` vectors, 3 for ``(*, C, H, W)`` images.
+        eps: added to the standard deviation.
 
     References:
         Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
+
+    #: A feature whose variance is at most this many ulps of its mean square counts as constant.
+    degenerate_ulps = 64
 
     def __init__(self, features: int, event_dim: int = 1, eps: float = 1e-6):
         super().__init__(features, event_dim, shift=True)
@@ -220,34 +239,81 @@ class ActNorm(ElementwiseAffine):
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False  # Python mirror of the buffer: no data-dependent branch under compile.
 
-    @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Sets scale and shift so that ``x`` is normalised per feature."""
-        dim = x.dim() - self.event_dim
-        reduce = [d for d in range(x.dim()) if d != dim]
-        mean = x.mean(dim=reduce)
-        mean_sq = x.square().mean(dim=reduce)
-        mean, mean_sq = self._reduce_statistics(mean, mean_sq)
-        std = (mean_sq - mean.square()).clamp_min(0).sqrt() + self.eps
-        shape = self.log_scale.shape
-        self.log_scale.copy_((-std.log()).reshape(shape))
-        self.shift.copy_((-mean / std).reshape(shape))
-        self.initialized.fill_(True)
-        self._initialized = True
+        """Sets scale and shift so that ``x`` is normalised per feature (see the class docstring).
 
-    def _reduce_statistics(self, mean: Tensor, mean_sq: Tensor) -> tuple[Tensor, Tensor]:
-        """Averages the statistics over processes under ``torch.distributed`` (same init on every rank)."""
+        Under ``torch.distributed`` the statistics are those of the batches of all processes together.
+
+        Raises:
+            ValueError: ``x`` is empty (on every process), or its statistics are not finite; the layer
+                is then unchanged.
+        """
+        if not self._initialize(x):
+            raise ValueError(f"ActNorm cannot be initialised from an empty batch (input shape {tuple(x.shape)})")
+
+    @torch.no_grad()
+    def reset_initialization(self) -> None:
+        """Back to the uninitialised identity: the next non-empty batch initialises the layer again."""
+        self.log_scale.zero_()
+        self.shift.zero_()
+        self.initialized.fill_(False)
+        self._initialized = False
+
+    def _initialize(self, x: Tensor) -> bool:
+        """Initialises from ``x``; ``False`` (and nothing changed) if the batch is empty everywhere."""
+        with torch.no_grad():
+            dim = x.dim() - self.event_dim
+            reduce = [d for d in range(x.dim()) if d != dim]
+            count = x.numel() // self.features
+            if count:
+                mean = x.mean(dim=reduce)
+                mean_sq = x.square().mean(dim=reduce)
+            else:
+                mean = mean_sq = x.new_zeros(self.features)
+            reduced = self._reduce_statistics(mean, mean_sq, count)
+            if reduced is None:
+                return False
+            mean, mean_sq = reduced
+            bad = ~(torch.isfinite(mean) & torch.isfinite(mean_sq))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"ActNorm cannot be initialised from this batch: the statistics of {int(bad.sum())} of its "
+                    f"{self.features} features are not finite (non-finite or overflowing inputs); the layer is "
+                    "left unchanged"
+                )
+            var = (mean_sq - mean.square()).clamp_min(0)
+            constant = var <= self.degenerate_ulps * torch.finfo(var.dtype).eps * mean_sq
+            std = var.sqrt() + self.eps
+            if bool(constant.any()):
+                std = torch.where(constant, torch.ones_like(std), std)
+                warnings.warn(
+                    f"ActNorm: {int(constant.sum())} of {self.features} features have no measurable variance in the "
+                    "initialisation batch (a single sample or a constant channel); they are centred and keep scale 1",
+                    stacklevel=2,
+                )
+            shape = self.log_scale.shape
+            self.log_scale.copy_((-std.log()).reshape(shape))
+            self.shift.copy_((-mean / std).reshape(shape))
+            self.initialized.fill_(True)
+            self._initialized = True
+            return True
+
+    def _reduce_statistics(self, mean: Tensor, mean_sq: Tensor, count: int) -> tuple[Tensor, Tensor] | None:
+        """The statistics of all processes' batches together under ``torch.distributed`` (the same init on
+        every rank; a rank with an empty batch contributes nothing); ``None`` if all batches are empty."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            stats = torch.stack([mean, mean_sq])
+            stats = torch.stack([mean * count, mean_sq * count, mean.new_full(mean.shape, count)])
             dist.all_reduce(stats)
-            stats /= dist.get_world_size()
-            mean, mean_sq = stats[0], stats[1]
-        return mean, mean_sq
+            total = stats[2]
+            if not bool(total[0] > 0):
+                return None
+            return stats[0] / total, stats[1] / total
+        return (mean, mean_sq) if count else None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if not self._initialized:
-            self.initialize(x)
+        if not self._initialized and self.training:
+            self._initialize(x)  # an empty batch (everywhere) leaves the layer waiting for data
         return super().forward(x, context)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
