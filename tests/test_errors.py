@@ -108,8 +108,87 @@ def test_bad_constructor_arguments():
 
 def test_missing_context():
     flow = models.realnvp(2, layers=1, hidden=(8,), context_features=3)
-    with pytest.raises(ValueError, match="built for a context of 3 features; got none"):
+    with pytest.raises(ValueError, match=r"conditional and needs a context of shape \(\*batch, 3\); got none"):
         flow.log_prob(torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"sample: this flow is conditional"):
+        flow.sample(4)
+
+
+CONDITIONAL = {
+    "realnvp": lambda c: models.realnvp(2, layers=2, hidden=(8,), context_features=c),
+    "maf": lambda c: models.maf(2, layers=2, hidden=(8,), context_features=c),
+    "glow": lambda c: models.glow((1, 4, 4), levels=1, steps=1, hidden_channels=4, context_features=c),
+    "realnvp_image": lambda c: models.realnvp_image((1, 4, 4), levels=1, hidden_channels=4, blocks=1,
+                                                    context_features=c),
+}
+
+
+def _x(flow, n=5):
+    return torch.rand(n, *flow.event_shape) * 0.8 + 0.1
+
+
+@pytest.mark.parametrize("name", sorted(CONDITIONAL))
+def test_context_given_to_an_unconditional_flow_is_an_error(name):
+    """Issue 14 item 3: the context used to be ignored silently."""
+    flow = CONDITIONAL[name](0)
+    with pytest.raises(ValueError, match=r"no layer that reads a context, got a context of shape \(5, 7\)"):
+        flow.log_prob(_x(flow), context=torch.randn(5, 7))
+    with pytest.raises(ValueError, match="no layer that reads a context"):
+        flow.sample(3, context=torch.randn(7))
+    with pytest.raises(ValueError, match="no layer that reads a context"):
+        flow(torch.randn(7))
+
+
+@pytest.mark.parametrize("name", sorted(CONDITIONAL))
+def test_context_of_the_wrong_width_or_batch_is_an_error(name):
+    flow = CONDITIONAL[name](3)
+    x = _x(flow)
+    with pytest.raises(ValueError, match=r"context must have shape \(\*batch, 3\), got \(5, 7\)"):
+        flow.log_prob(x, context=torch.randn(5, 7))
+    with pytest.raises(ValueError, match=r"context's batch shape \(4,\) does not broadcast against the input's "
+                                         r"batch shape \(5,\)"):
+        flow.log_prob(x, context=torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"context must have shape \(\*batch, 3\), got \(2,\)"):
+        flow.sample(2, context=torch.randn(2))
+    with pytest.raises(TypeError, match="context must be torch.float32 like the flow, got torch.float64"):
+        flow.log_prob(x, context=torch.randn(5, 3, dtype=torch.float64))
+    flow.log_prob(x, context=torch.randn(3))  # one context broadcast over the batch is fine
+    flow.log_prob(x, context=torch.randn(5, 3))
+
+
+@pytest.mark.parametrize("name", sorted(CONDITIONAL))
+def test_non_finite_context_is_an_error(name):
+    flow = CONDITIONAL[name](3)
+    c = torch.randn(5, 3)
+    c[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"log_prob got 1 non-finite value\(s\) \(NaN or Inf\) in its context"):
+        flow.log_prob(_x(flow), context=c)
+    c[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="non-finite value.* in its context"):
+        flow.sample(1, context=c)
+
+
+def test_context_check_follows_replaced_layers():
+    """The flow's context width is read from its layers when used, not cached at construction."""
+    from pushforward.nn import MLP
+    from pushforward.transforms import AffineKernel, AlternatingMask, Coupling
+
+    flow = models.realnvp(2, layers=2, hidden=(8,))
+    flow.transform.transforms[1] = Coupling(AlternatingMask(2), AffineKernel(),
+                                            lambda i, o: MLP(i, o, hidden=(8,), context_features=4))
+    with pytest.raises(ValueError, match="needs a context of shape"):
+        flow.log_prob(torch.randn(3, 2))
+    assert flow.log_prob(torch.randn(3, 2), context=torch.randn(3, 4)).shape == (3,)
+
+
+def test_flow_with_an_embedding_checks_the_embedding_input():
+    from pushforward import Flow
+
+    inner = models.realnvp(2, layers=2, hidden=(8,), context_features=4)
+    flow = Flow(inner.transform, inner.base, embedding=torch.nn.Linear(6, 4))
+    flow.log_prob(torch.randn(3, 2), context=torch.randn(3, 6))
+    with pytest.raises(ValueError, match=r"context must have shape \(\*batch, 6\), got \(3, 4\)"):
+        flow.log_prob(torch.randn(3, 2), context=torch.randn(3, 4))
 
 
 def test_validation_can_be_switched_off_globally():

@@ -12,6 +12,7 @@ variables formula ``log p(x) = log p_z(f(x)) + log|det Df(x)|``.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -19,23 +20,43 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 __all__ = ["Transform", "Inverse", "Compose", "Flow", "FlowDistribution", "sum_event", "set_validation",
-           "validation_enabled"]
+           "validation_enabled", "shape_checks_enabled", "context_features"]
 
 _VALIDATION = True
+_NO_SCRIPT = ("pushforward flows and transforms cannot be compiled by TorchScript (torch.jit.script): they use "
+              "Python features it lacks. Use torch.compile, torch.export.export or torch.jit.trace on a function "
+              "of tensors, e.g. torch.jit.trace(lambda x: flow.log_prob(x), x)")
 
 
 def set_validation(enabled: bool) -> None:
     """Switches every input check of pushforward on or off (flows, domains of pointwise transforms).
 
-    Checks cost a host synchronisation per call; they are skipped under ``torch.compile`` anyway.
+    Checks of values (finiteness, domains) cost a host synchronisation per call; they are skipped
+    while tracing (``torch.compile``, ``torch.export``, ``torch.jit.trace``) and under
+    ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``), where a value cannot be inspected.
     """
     global _VALIDATION
     _VALIDATION = bool(enabled)
 
 
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def validation_enabled() -> bool:
-    """Whether input checks run now (enabled, and not tracing under ``torch.compile``)."""
-    return _VALIDATION and not torch.compiler.is_compiling()
+    """Whether checks of input *values* run now.
+
+    True when checks are enabled (:func:`set_validation`) and the inputs are concrete tensors: not
+    while tracing under ``torch.compile``, ``torch.export`` or ``torch.jit.trace``, and not under a
+    ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...), whose inputs carry no value a
+    Python branch could look at.
+    """
+    return _VALIDATION and not _tracing() and not torch._C._are_functorch_transforms_active()
+
+
+def shape_checks_enabled() -> bool:
+    """Whether checks of input *shapes and dtypes* run now: enabled, and not tracing (they need no value)."""
+    return _VALIDATION and not _tracing()
 
 
 def sum_event(x: Tensor, event_dim: int) -> Tensor:
@@ -56,6 +77,23 @@ def sum_event(x: Tensor, event_dim: int) -> Tensor:
     if event_dim == 1:
         return x.sum(-1)
     return x.sum(dim=tuple(range(-event_dim, 0)))
+
+
+def context_features(module: nn.Module) -> int:
+    """The width of the context vector that the layers inside ``module`` read; 0 if none reads one.
+
+    A layer declares that it reads a context by an integer attribute ``context_features > 0`` (the
+    conditioners of :mod:`pushforward.nn` do). Computed from the modules as they are now, so it
+    follows layers that are replaced or appended.
+
+    Raises:
+        ValueError: If two layers declare different widths (they all receive the same context).
+    """
+    widths = {int(w) for m in module.modules() if isinstance(w := getattr(m, "context_features", 0), int) and w > 0}
+    if len(widths) > 1:
+        raise ValueError(f"the layers of this flow read contexts of different widths {sorted(widths)}; "
+                         "every layer receives the same context")
+    return widths.pop() if widths else 0
 
 
 class Transform(nn.Module):
@@ -97,6 +135,9 @@ class Transform(nn.Module):
     def inv(self) -> Transform:
         """The inverse transform, as a module sharing this one's parameters."""
         return Inverse(self)
+
+    def __prepare_scriptable__(self):
+        raise TypeError(_NO_SCRIPT)
 
 
 class Inverse(Transform):
@@ -256,6 +297,41 @@ class Flow(nn.Module):
                 return b.dtype
         return torch.get_default_dtype()
 
+    def _context_width(self) -> tuple[bool, int | None]:
+        """``(conditional, width)`` of the context users pass (before the embedding); width ``None``: unknown."""
+        inner = max(context_features(self.transform), context_features(self.base))
+        if self.embedding is None:
+            return inner > 0, inner
+        return True, getattr(self.embedding, "in_features", None)
+
+    def _check_context(self, context: Tensor | None, batch: torch.Size | None, what: str) -> None:
+        """Checks ``context`` against what the flow's layers read (shape checks; values if enabled)."""
+        conditional, width = self._context_width()
+        if context is None:
+            if conditional:
+                raise ValueError(f"{what}: this flow is conditional and needs a context of shape (*batch, "
+                                 f"{width if width is not None else 'context_features'}); got none")
+            return
+        if not isinstance(context, Tensor):
+            raise TypeError(f"{what}: context must be a torch.Tensor, got {type(context).__name__}")
+        if not conditional:
+            raise ValueError(f"{what}: this flow has no layer that reads a context, got a context of shape "
+                             f"{tuple(context.shape)}; build the flow with context_features=... to condition it")
+        if context.dim() < 1 or (width is not None and context.shape[-1] != width):
+            raise ValueError(f"{what}: context must have shape (*batch, {width}), got {tuple(context.shape)}")
+        dtype = self._dtype()
+        if context.dtype != dtype:
+            raise TypeError(f"{what}: context must be {dtype} like the flow, got {context.dtype}")
+        if batch is not None:
+            try:
+                torch.broadcast_shapes(batch, context.shape[:-1])
+            except RuntimeError:
+                raise ValueError(f"{what}: the context's batch shape {tuple(context.shape[:-1])} does not broadcast "
+                                 f"against the input's batch shape {tuple(batch)}") from None
+        if validation_enabled() and not bool(torch.isfinite(context).all()):
+            bad = (~torch.isfinite(context)).sum().item()
+            raise ValueError(f"{what} got {bad} non-finite value(s) (NaN or Inf) in its context")
+
     def _check(self, x: Tensor, context: Tensor | None, what: str) -> None:
         shape = tuple(self.event_shape)
         if not isinstance(x, Tensor):
@@ -271,11 +347,10 @@ class Flow(nn.Module):
                 f"{what} expects a {dtype} tensor (the flow's dtype), got {x.dtype}"
                 + ("; dequantize integer data first (pushforward.data.dequantize)" if not x.is_floating_point() else "")
             )
-        if not bool(torch.isfinite(x).all()):
+        if validation_enabled() and not bool(torch.isfinite(x).all()):
             bad = (~torch.isfinite(x)).sum().item()
             raise ValueError(f"{what} got {bad} non-finite value(s) (NaN or Inf) in its input")
-        if context is not None and context.dtype != dtype:
-            raise TypeError(f"context must be {dtype} like the flow, got {context.dtype}")
+        self._check_context(context, x.shape[: x.dim() - len(shape)], what)
 
     def _context(self, context: Tensor | None) -> Tensor | None:
         if context is not None and self.embedding is not None:
@@ -296,7 +371,7 @@ class Flow(nn.Module):
     # -- the model ---------------------------------------------------------------------------
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``log p(x) = log p_z(f(x)) + log|det Df(x)|``; shape ``(*batch,)``."""
-        if self.validate and validation_enabled():
+        if self.validate and shape_checks_enabled():
             self._check(x, context, "log_prob")
         context = self._context(context)
         x, context, batch = self._flatten(x, context)
@@ -310,6 +385,8 @@ class Flow(nn.Module):
         return shape
 
     def _sample(self, shape, context, temperature, with_log_prob: bool):
+        if self.validate and shape_checks_enabled():
+            self._check_context(context, None, "sample_and_log_prob" if with_log_prob else "sample")
         context = self._context(context)
         shape = self._sample_shape(shape, context)
         n = math.prod(shape)
@@ -345,35 +422,139 @@ class Flow(nn.Module):
         return self._sample(shape, context, temperature, with_log_prob=True)
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
-        """Returns the distribution ``p(x | context)`` as a :class:`torch.distributions.Distribution`."""
+        """Returns the distribution ``p(x | context)`` as a :class:`torch.distributions.Distribution`.
+
+        When Pyro is imported, the view is also a Pyro distribution (:mod:`pushforward.pyro`), usable
+        as a ``pyro.sample`` site and inside plates; Pyro is never imported by pushforward itself.
+
+        Args:
+            context: optional context of shape ``(*batch, context_features)``.
+
+        Returns:
+            A :class:`FlowDistribution` with ``batch_shape = context.shape[:-1]``.
+
+        Raises:
+            ValueError: If the context does not fit the flow.
+        """
+        if "pyro.distributions" in sys.modules:
+            from .pyro import PyroFlowDistribution
+
+            return PyroFlowDistribution(self, context)
         return FlowDistribution(self, context)
+
+    def __prepare_scriptable__(self):
+        raise TypeError(_NO_SCRIPT)
 
     def extra_repr(self) -> str:
         return f"event_shape={tuple(self.event_shape)}"
 
 
+class _Method(nn.Module):
+    """Calls a method of ``flow`` through ``nn.Module.__call__``, so ``torch.func.functional_call`` can run it."""
+
+    def __init__(self, flow: Flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, method: str, *args):
+        return getattr(self.flow, method)(*args)
+
+
+def _tensors(module: nn.Module) -> dict[str, Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
 class FlowDistribution(Distribution):
-    """A :class:`torch.distributions.Distribution` view of a :class:`Flow` at a given context."""
+    """A :class:`torch.distributions.Distribution` view of a :class:`Flow` at a given context.
+
+    Made by ``flow(context)``. Like any torch distribution it holds the tensors it was made from: the
+    flow's parameters and buffers at that moment (by reference, so in-place updates such as optimiser
+    steps show). A view made inside ``torch.func.functional_call(flow, params, (context,))`` therefore
+    keeps evaluating with ``params`` (gradients reach them) after the call returns. If the flow's
+    tensors were since replaced by others of a different shape, dtype or device, or layers were added
+    or removed, using the view is an error: make a new one.
+
+    Args:
+        flow: the flow.
+        context: optional context of shape ``(*batch, context_features)``; its batch shape is the
+            view's ``batch_shape``.
+        batch_shape: optional batch shape to broadcast to (what :meth:`expand` sets).
+
+    Raises:
+        ValueError: If the context does not fit the flow (see :meth:`Flow.log_prob`).
+    """
 
     has_rsample = True
     arg_constraints: dict = {}
 
-    def __init__(self, flow: Flow, context: Tensor | None = None):
+    def __init__(self, flow: Flow, context: Tensor | None = None, batch_shape: Sequence[int] | None = None):
+        if flow.validate and shape_checks_enabled():
+            flow._check_context(context, None, "flow(context)")
         self.flow = flow
         self.context = context
-        batch = context.shape[:-1] if context is not None else torch.Size()
-        super().__init__(batch_shape=batch, event_shape=flow.event_shape, validate_args=False)
+        self._held = _tensors(flow)
+        if batch_shape is None:
+            batch_shape = context.shape[:-1] if context is not None else torch.Size()
+        super().__init__(batch_shape=torch.Size(batch_shape), event_shape=flow.event_shape, validate_args=False)
+
+    def _call(self, method: str, *args):
+        """Runs ``flow.<method>(*args)`` with the tensors this view holds."""
+        current = _tensors(self.flow)
+        if current.keys() == self._held.keys() and all(current[k] is t for k, t in self._held.items()):
+            return getattr(self.flow, method)(*args)
+        for k, t in self._held.items():
+            now = current.get(k)
+            if now is None or (now.shape, now.dtype, now.device) != (t.shape, t.dtype, t.device) \
+                    or current.keys() != self._held.keys():
+                raise RuntimeError(
+                    "this distribution view was made before the flow's layers, dtype or device changed "
+                    f"(first difference: {k!r}); make a new view with flow(context)")
+        held = {f"flow.{k}": t for k, t in self._held.items()}
+        return torch.func.functional_call(_Method(self.flow), held, (method, *args), tie_weights=True)
+
+    def expand(self, batch_shape: Sequence[int], _instance=None) -> FlowDistribution:
+        """The same distribution broadcast to ``batch_shape`` (the context is expanded, not copied).
+
+        Args:
+            batch_shape: the new batch shape; the current one must broadcast to it.
+
+        Returns:
+            A view of the same flow with that batch shape.
+
+        Raises:
+            ValueError: If the current batch shape does not broadcast to ``batch_shape``.
+        """
+        batch_shape = torch.Size(batch_shape)
+        try:
+            fits = torch.broadcast_shapes(self.batch_shape, batch_shape) == batch_shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"cannot expand a flow distribution of batch shape {tuple(self.batch_shape)} "
+                             f"to {tuple(batch_shape)}")
+        context = None if self.context is None else self.context.expand(*batch_shape, self.context.shape[-1])
+        new = type(self).__new__(type(self))
+        new.flow, new.context, new._held = self.flow, context, self._held
+        Distribution.__init__(new, batch_shape=batch_shape, event_shape=self.event_shape, validate_args=False)
+        return new
 
     def log_prob(self, value: Tensor) -> Tensor:
         """The flow's log-density at ``value`` given this distribution's context (:meth:`Flow.log_prob`).
 
         Args:
-            value: data of shape ``(*batch, *event_shape)``, broadcastable against the context's batch.
+            value: data of shape ``(*batch, *event_shape)``, broadcastable against ``batch_shape``.
 
         Returns:
-            ``log p(value | context)`` of shape ``(*batch,)``.
+            ``log p(value | context)`` of shape ``broadcast(batch, batch_shape)``.
         """
-        return self.flow.log_prob(value, self.context)
+        log_p = self._call("log_prob", value, self.context)
+        return log_p.expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
+
+    def _draw(self, method: str, sample_shape: torch.Size | Sequence[int]):
+        shape = tuple(torch.Size(sample_shape))
+        if self.context is None:
+            return self._call(method, shape + tuple(self.batch_shape), None)
+        return self._call(method, shape, self.context)
 
     def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
         """Reparameterised samples (:meth:`Flow.sample` at temperature 1), differentiable in the parameters.
@@ -384,7 +565,7 @@ class FlowDistribution(Distribution):
         Returns:
             Samples of shape ``(*sample_shape, *batch_shape, *event_shape)``.
         """
-        return self.flow.sample(sample_shape, self.context)
+        return self._draw("sample", sample_shape)
 
     def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
         """Same as :meth:`rsample`, under ``torch.no_grad()`` (no autograd graph is kept).
@@ -408,11 +589,33 @@ class FlowDistribution(Distribution):
             ``(x, log_prob)``: samples of shape ``(*sample_shape, *batch_shape, *event_shape)`` and
             their log-density of shape ``(*sample_shape, *batch_shape)``.
         """
-        return self.flow.sample_and_log_prob(sample_shape, self.context)
+        return self._draw("sample_and_log_prob", sample_shape)
 
     @property
-    def support(self):
-        return torch.distributions.constraints.real
+    def support(self) -> torch.distributions.constraints.Constraint:
+        """All of ``R^event_shape``: an independent real constraint over the event dimensions."""
+        return torch.distributions.constraints.independent(torch.distributions.constraints.real,
+                                                           len(self.event_shape))
+
+    def _no_closed_form(self, what: str, instead: str):
+        raise NotImplementedError(f"a normalizing flow has no closed-form {what}; {instead}")
+
+    @property
+    def mean(self) -> Tensor:
+        return self._no_closed_form("mean", "estimate it from samples, e.g. d.sample((n,)).mean(0)")
+
+    @property
+    def mode(self) -> Tensor:
+        return self._no_closed_form("mode", "flow.sample(n, temperature=0.0) pushes the base's mode through "
+                                            "the flow, which is not the mode of the flow's density in general")
+
+    @property
+    def variance(self) -> Tensor:
+        return self._no_closed_form("variance", "estimate it from samples, e.g. d.sample((n,)).var(0)")
+
+    def entropy(self) -> Tensor:
+        return self._no_closed_form("entropy", "estimate it by Monte Carlo: x, log_p = "
+                                               "d.rsample_and_log_prob((n,)); -log_p.mean(0)")
 
     def __repr__(self) -> str:
-        return f"FlowDistribution(batch_shape={tuple(self.batch_shape)}, event_shape={tuple(self.event_shape)})"
+        return f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, event_shape={tuple(self.event_shape)})"

@@ -121,6 +121,7 @@ class ConvNet(nn.Module):
         self.conv3 = _zero(nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
         self.act = _fresh_input_activation(activation)  # applied to conv outputs only
         self.context = _ContextBias(context_features, hidden_channels) if context_features else None
+        self.context_features = context_features  # the width read (pushforward.core.context_features)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if self.context_channels:
@@ -184,6 +185,7 @@ class ResNet(nn.Module):
         self.act = activation()
         self.head = _zero(nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
         self.context = _ContextBias(context_features, hidden_channels) if context_features else None
+        self.context_features = context_features  # the width read (pushforward.core.context_features)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         h = self.stem(_channels_last(x))
