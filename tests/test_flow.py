@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch.distributions import Distribution, MultivariateNormal
 
 import pushforward as pf
-from pushforward import Compose, Flow, models
+from pushforward import Compose, Flow, InvertibilityWarning, models
 from pushforward.distributions import DiagonalNormal, StandardNormal
-from pushforward.transforms import ElementwiseAffine, Linear, LULinear
+from pushforward.transforms import ActNorm, ElementwiseAffine, Linear, LULinear
 
 
 def _perturb(module, scale, seed=0):
@@ -275,3 +276,46 @@ def test_glow_split_prior_is_a_coupling_on_the_factored_half():
     no_prior = models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4, split_prior=False)
     assert sum(isinstance(m, Coupling) for m in no_prior.modules()) + 1 == sum(
         isinstance(m, Coupling) for m in flow.modules())
+
+
+def _cancelling_realnvp(shift: float) -> Flow:
+    """A 2-D RealNVP whose first layer shifts x_1 by ``shift * x_0``: its inverse returns x_1 of order
+    ``shift`` that float32 rounds by ~``shift * 2**-24``, which the forward pass adds back to a latent of order 1."""
+    flow = models.realnvp(2, layers=2, hidden=(2,))
+    net = flow.transform[0].net  # conditions on x_0, outputs (raw log-scale, shift) for x_1
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net[0].bias.zero_()
+        net[-1].weight.copy_(torch.tensor([[0.0, 0.0], [shift, -shift]]))  # relu(x0) - relu(-x0) = x0
+        net[-1].bias.zero_()
+    return flow
+
+
+def test_sample_and_log_prob_warns_where_the_flow_is_not_invertible_at_its_precision():
+    torch.manual_seed(0)
+    flow = _cancelling_realnvp(1e6).eval()
+    with torch.no_grad():
+        with pytest.warns(InvertibilityWarning, match="not invertible in torch.float32"):
+            x, lp = flow.sample_and_log_prob(1000)
+        assert float((lp - flow.log_prob(x)).abs().max()) > 1e-2  # the disagreement the warning reports
+        flow.double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # invertible in float64: no warning, and the two agree
+            x, lp = flow.sample_and_log_prob(1000)
+        torch.testing.assert_close(lp, flow.log_prob(x), atol=1e-9, rtol=1e-9)
+        flow.float().validate = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # validate=False skips the check (and its forward pass)
+            flow.sample_and_log_prob(1000)
+    flow.validate = True
+    with pytest.warns(InvertibilityWarning):  # with grad (a variational objective) it is checked too
+        x, lp = flow.sample_and_log_prob(1000)
+    assert lp.requires_grad
+
+
+def test_sample_and_log_prob_check_leaves_actnorm_uninitialised():
+    flow = models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4, alpha=None)  # training mode
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow.sample_and_log_prob(3)
+    assert not any(bool(m.initialized) for m in flow.modules() if isinstance(m, ActNorm))

@@ -5,7 +5,7 @@
 
 from . import distributions, models, nn, transforms
 from . import vae  # registers the "vae" recipe (the lecture's baseline)
-from .core import Compose, Flow, FlowDistribution, Inverse, Transform, set_validation
+from .core import Compose, Flow, FlowDistribution, Inverse, InvertibilityWarning, Transform, set_validation
 from .distributions import DiagonalNormal, GaussianMixture, StandardNormal
 from .initialization import initialize
 from .io import load, save
@@ -13,6 +13,6 @@ from .io import load, save
 __version__ = "0.1.0"
 
 __all__ = [
-    "Compose", "DiagonalNormal", "Flow", "GaussianMixture", "FlowDistribution", "Inverse", "StandardNormal", "Transform",
+    "Compose", "DiagonalNormal", "Flow", "GaussianMixture", "FlowDistribution", "Inverse", "InvertibilityWarning", "StandardNormal", "Transform",
     "distributions", "initialize", "load", "set_validation", "models", "nn", "save", "transforms", "vae",
 ]

@@ -139,7 +139,9 @@ class ConvNet(nn.Module):
 
 def _channels_last(x: Tensor) -> Tensor:
     """A batch of images in channels-last layout (same values): oneDNN's convolutions run faster on it."""
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    if x.dim() != 4 or torch._C._are_functorch_transforms_active():  # vmap has no memory formats
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class _Block(nn.Module):
