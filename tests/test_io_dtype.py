@@ -67,7 +67,7 @@ def test_save_load_is_bit_exact_in_every_dtype(name, dtype, tmp_path):
     path = tmp_path / "flow.safetensors"
     pf.save(flow, path)
     loaded = pf.load(path)
-    assert loaded._dtype() == dtype
+    assert loaded.dtype == dtype
     saved, back = flow.state_dict(), loaded.state_dict()
     assert saved.keys() == back.keys()
     for key, value in saved.items():
@@ -120,7 +120,7 @@ def test_checkpoint_refuses_to_cast_and_restores_float64_exactly(tmp_path):
         assert back.dtype == value.dtype and torch.equal(back, value), key
     # the checkpoint's model file is a flow file too
     loaded = pf.load(tmp_path / "checkpoint" / "model.safetensors")
-    assert loaded._dtype() == torch.float64
+    assert loaded.dtype == torch.float64
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), flow.state_dict().values()))
 
 

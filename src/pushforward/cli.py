@@ -219,11 +219,11 @@ def sample_run(path, n: int = 64, temperature: float = 1.0, out: str | None = No
             if not classes:
                 y = flow.sample(n, temperature=temperature)
             elif label is not None:
-                y = flow.sample(n, context=_one_hot(torch.tensor(label), classes, flow._dtype()), temperature=temperature)
+                y = flow.sample(n, context=_one_hot(torch.tensor(label), classes, flow.dtype), temperature=temperature)
                 what, suffix = f"{n} samples of class {label}", f"{suffix}_label{label}"
             else:  # (per_class, classes, C, H, W) -> one row per class
                 nrow = max(1, n // classes)
-                context = _one_hot(torch.arange(classes), classes, flow._dtype())
+                context = _one_hot(torch.arange(classes), classes, flow.dtype)
                 y = flow.sample(nrow, context=context, temperature=temperature).transpose(0, 1).flatten(0, 1)
                 what = f"one row per class 0..{classes - 1}, {nrow} samples each"
         target = Path(out) if out else run.run_dir / f"samples{suffix}.png"
@@ -265,18 +265,18 @@ def _interpolation(run, dataset, target: Path, pairs: int = 4, steps: int = 9) -
     flow = run.flow
     k = min(2 * pairs, len(dataset.test.images))
     g = torch.Generator().manual_seed(run.config.seed)
-    y = dequantize(dataset.test.images[:k], dataset.levels, generator=g).to(flow._dtype())
+    y = dequantize(dataset.test.images[:k], dataset.levels, generator=g).to(flow.dtype)
     classes = context_classes(run.config)
     # a conditional model: each image is encoded with its own label; the path interpolates the labels too
-    c = _one_hot(dataset.test.labels[:k], classes, flow._dtype()) if classes else None
+    c = _one_hot(dataset.test.labels[:k], classes, flow.dtype) if classes else None
     with torch.no_grad():
-        z, _ = flow.transform(y, flow._context(c))
+        z, _ = flow.transform(y, flow.embed_context(c))
         rows = []
         for i in range(0, k - 1, 2):
             t = torch.linspace(0, 1, steps, dtype=z.dtype).view(-1, *([1] * (z.dim() - 1)))
             path = (1 - t) * z[i] + t * z[i + 1]
             cp = None if c is None else (1 - t.view(-1, 1)) * c[i] + t.view(-1, 1) * c[i + 1]
-            rows.append(flow.transform.inverse(path, flow._context(cp))[0])
+            rows.append(flow.transform.inverse(path, flow.embed_context(cp))[0])
     images = quantize(torch.cat(rows), dataset.levels)
     return plot.save_image_grid(target, images, nrow=steps, title="latent interpolation between test images")
 
@@ -322,7 +322,7 @@ def calibrate_steps(config, minutes: float, trial_steps: int = 15) -> int:
     for i in range(trial_steps + 3):
         if i == 3:
             start = time.monotonic()
-        x = data.get(idx, seed_from(i), flow._dtype())
+        x = data.get(idx, seed_from(i), flow.dtype)
         loss = -flow.log_prob(x).mean()
         opt.zero_grad()
         loss.backward()

@@ -287,8 +287,9 @@ def _samples_figure(path: Path, flow, vae, dataset, x: Tensor, seed: int, title:
             def __init__(self, m):
                 self.m = m
 
-            def _dtype(self):
-                return self.m._dtype()
+            @property
+            def dtype(self):
+                return self.m.dtype
 
             def parameters(self):
                 return self.m.parameters()
@@ -512,7 +513,7 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
     # scoring
     x = _test_points(dataset, fcfg, eval_n)
     _print(f"\n== scoring {len(x)} test examples (IWAE k = {', '.join(map(str, ks))})")
-    scores = score(flow, vae, x.to(flow._dtype()), ks, seed=fcfg.seed)
+    scores = score(flow, vae, x.to(flow.dtype), ks, seed=fcfg.seed)
     true_nll = None
     if dataset.kind == "toy" and dataset.name != "pinwheel":
         from .data.toy import toy_log_prob

@@ -298,7 +298,9 @@ class Flow(nn.Module):
         return self.base.event_shape
 
     # -- helpers -----------------------------------------------------------------------------
-    def _dtype(self) -> torch.dtype:
+    @property
+    def dtype(self) -> torch.dtype:
+        """The flow's floating-point dtype: that of its first parameter (or floating buffer)."""
         for p in self.parameters():
             return p.dtype
         for b in self.buffers():
@@ -328,7 +330,7 @@ class Flow(nn.Module):
                              f"{tuple(context.shape)}; build the flow with context_features=... to condition it")
         if context.dim() < 1 or (width is not None and context.shape[-1] != width):
             raise ValueError(f"{what}: context must have shape (*batch, {width}), got {tuple(context.shape)}")
-        dtype = self._dtype()
+        dtype = self.dtype
         if context.dtype != dtype:
             raise TypeError(f"{what}: context must be {dtype} like the flow, got {context.dtype}")
         if batch is not None:
@@ -350,7 +352,7 @@ class Flow(nn.Module):
                 f"{what} expects a tensor of shape (*batch, {', '.join(map(str, shape))}), "
                 f"got shape {tuple(x.shape)}"
             )
-        dtype = self._dtype()
+        dtype = self.dtype
         if x.dtype != dtype:
             raise TypeError(
                 f"{what} expects a {dtype} tensor (the flow's dtype), got {x.dtype}"
@@ -361,7 +363,15 @@ class Flow(nn.Module):
             raise ValueError(f"{what} got {bad} non-finite value(s) (NaN or Inf) in its input")
         self._check_context(context, x.shape[: x.dim() - len(shape)], what)
 
-    def _context(self, context: Tensor | None) -> Tensor | None:
+    def embed_context(self, context: Tensor | None) -> Tensor | None:
+        """The context as the transforms see it: ``embedding(context)`` when the flow has an embedding.
+
+        Args:
+            context: ``None`` or a tensor of shape ``(*batch, context_features)``.
+
+        Returns:
+            ``None`` or the embedded context, of shape ``(*batch, embedded_features)``.
+        """
         if context is not None and self.embedding is not None:
             context = self.embedding(context)
         return context
@@ -382,7 +392,7 @@ class Flow(nn.Module):
         """``log p(x) = log p_z(f(x)) + log|det Df(x)|``; shape ``(*batch,)``."""
         if self.validate and shape_checks_enabled():
             self._check(x, context, "log_prob")
-        context = self._context(context)
+        context = self.embed_context(context)
         x, context, batch = self._flatten(x, context)
         z, ladj = self.transform(x, context)
         return (self.base.log_prob(z, context) + ladj).reshape(batch)
@@ -396,7 +406,7 @@ class Flow(nn.Module):
     def _sample(self, shape, context, temperature, with_log_prob: bool):
         if self.validate and shape_checks_enabled():
             self._check_context(context, None, "sample_and_log_prob" if with_log_prob else "sample")
-        context = self._context(context)
+        context = self.embed_context(context)
         shape = self._sample_shape(shape, context)
         n = math.prod(shape)
         if context is not None:

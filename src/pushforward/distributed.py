@@ -287,8 +287,8 @@ class LossStep:
             device_type = dist.device.type
             if device_type not in ("cuda", "cpu"):
                 raise ValueError(f"amp (bf16 autocast) is supported on cuda and cpu, not {device_type}")
-            if flow._dtype() != torch.float32:
-                raise ValueError(f"amp needs a float32 flow, this one is {flow._dtype()}")
+            if flow.dtype != torch.float32:
+                raise ValueError(f"amp needs a float32 flow, this one is {flow.dtype}")
 
     def _build(self, fn, args) -> nn.Module:
         if _lazy_modules(self.flow):

@@ -46,7 +46,7 @@ def data_bounds(x: Tensor, margin: float = 0.1) -> tuple[float, float, float, fl
 def density_grid(flow, bounds: Sequence[float], resolution: int = 200, batch_size: int = 8192):
     """``log p`` of a 2-D flow on a ``resolution x resolution`` grid; returns ``(xs, ys, logp[y, x])``."""
     x0, x1, y0, y1 = bounds
-    dtype = flow._dtype()
+    dtype = flow.dtype
     device = next((p.device for p in flow.parameters()), torch.device("cpu"))
     xs = torch.linspace(x0, x1, resolution, dtype=dtype)
     ys = torch.linspace(y0, y1, resolution, dtype=dtype)

@@ -249,7 +249,7 @@ def variational_negative_log_likelihood(flow: Flow, images: Tensor, batch_size: 
     """
     was_training = flow.training
     flow.eval()
-    dtype = flow._dtype()
+    dtype = flow.dtype
     nll, log_q = [], []
     with torch.no_grad():
         for b, i in enumerate(range(0, len(images), batch_size)):
@@ -293,7 +293,7 @@ def evaluate(flow: Flow, data: Any, batch_size: int = 1024, seed: int = 0, devic
     dev = resolve_device(device) if isinstance(device, str) else device
     flow.to(dev)
     d = _Data(data, classes)
-    dtype = flow._dtype()
+    dtype = flow.dtype
     x = d.fixed(seed_from(seed, 2), dtype)
     context = d.context(slice(None), dtype)
     variational = d.images is not None and getattr(flow, "dequantizer", None) is not None
@@ -331,8 +331,8 @@ def evaluate(flow: Flow, data: Any, batch_size: int = 1024, seed: int = 0, devic
             for i in range(0, len(x), batch_size):
                 xb = x[i : i + batch_size].to(dev)
                 c = None if context is None else context[i : i + batch_size].to(dev)
-                z, _ = flow.transform(xb, flow._context(c))
-                back, _ = flow.transform.inverse(z, flow._context(c))
+                z, _ = flow.transform(xb, flow.embed_context(c))
+                back, _ = flow.transform.inverse(z, flow.embed_context(c))
                 err = max(err, float((back - xb).abs().max()))
         out["max_reconstruction_error"] = err
     out["finite"] = all(math.isfinite(v) for v in out.values() if isinstance(v, float))
@@ -421,7 +421,7 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
     dist = setup_distributed(config.device)  # one process, or this rank of torchrun's group
     device = dist.device
     flow.to(device)
-    dtype = flow._dtype()
+    dtype = flow.dtype
     classes = context_classes(config)
     train, val = _Data(train_data, classes), _Data(val_data, classes)
     variational = config.dequantization == "variational"

@@ -189,7 +189,9 @@ class VAE(nn.Module):
         self.config: dict | None = None
 
     # -- helpers -----------------------------------------------------------------------------
-    def _dtype(self) -> torch.dtype:
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating-point dtype."""
         return self._anchor.dtype
 
     @property
@@ -203,8 +205,8 @@ class VAE(nn.Module):
         if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
             raise ValueError(f"{what} expects a tensor of shape (batch, {', '.join(map(str, shape))}), "
                              f"got shape {tuple(x.shape)}")
-        if x.dtype != self._dtype():
-            raise TypeError(f"{what} expects a {self._dtype()} tensor (the model's dtype), got {x.dtype}"
+        if x.dtype != self.dtype:
+            raise TypeError(f"{what} expects a {self.dtype} tensor (the model's dtype), got {x.dtype}"
                             + ("; dequantize integer data first (pushforward.data.dequantize)"
                                if not x.is_floating_point() else ""))
         if not bool(torch.isfinite(x).all()):
@@ -319,7 +321,7 @@ class VAE(nn.Module):
             if shape and context.dim() > 1 and context.shape[0] != n:
                 raise ValueError(f"context has batch size {context.shape[0]}, the sample shape {tuple(shape)}")
             context = context.expand(n, context.shape[-1]) if context.dim() == 1 else context
-        z = temperature * torch.randn(n, self.latent, dtype=self._dtype(), device=self._anchor.device)
+        z = temperature * torch.randn(n, self.latent, dtype=self.dtype, device=self._anchor.device)
         loc, log_scale = self.decode(z, context)
         t = loc + log_scale.exp() * torch.randn_like(loc) if decoder_noise else loc
         x = t if self.preprocess is None else self.preprocess.inverse(t)[0]
