@@ -25,8 +25,8 @@ __all__ = ["Transform", "Inverse", "Compose", "Flow", "FlowDistribution", "sum_e
 
 _VALIDATION = True
 _NO_SCRIPT = ("pushforward flows and transforms cannot be compiled by TorchScript (torch.jit.script): they use "
-              "Python features it lacks. Use torch.compile, torch.export.export or torch.jit.trace on a function "
-              "of tensors, e.g. torch.jit.trace(lambda x: flow.log_prob(x), x)")
+              "Python features it lacks (and torch deprecates TorchScript). Use torch.compile(flow.log_prob), or "
+              "torch.export.export of a module whose forward calls flow.log_prob (docs: Inside other libraries)")
 
 
 def set_validation(enabled: bool) -> None:

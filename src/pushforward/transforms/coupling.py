@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..core import Transform, sum_event
+from ..core import Transform, shape_checks_enabled, sum_event
 
 __all__ = [
     "Mask",
@@ -122,7 +122,7 @@ class IndexMask(Mask):
             self.register_buffer("merge_index", torch.argsort(torch.tensor(order)))
 
     def _check(self, x: Tensor) -> None:
-        if x.shape[-self.event_dim] != self.features:
+        if shape_checks_enabled() and x.shape[-self.event_dim] != self.features:
             raise ValueError(
                 f"{type(self).__name__} splits {self.features} features on dim -{self.event_dim}, "
                 f"got a tensor of shape {tuple(x.shape)}"
