@@ -132,3 +132,17 @@ def test_export_trace_and_compile_give_the_eager_values(name):
     torch.testing.assert_close(traced(x2), flow.log_prob(x2), rtol=0, atol=1e-12)
     compiled = torch.compile(flow.log_prob, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), eager, rtol=0, atol=1e-12)
+
+
+def test_view_support_and_what_has_no_closed_form():
+    flow = models.glow((1, 4, 4), levels=1, steps=1, hidden_channels=4)
+    d = flow()
+    assert d.support.event_dim == 3 and bool(d.support.check(torch.randn(2, 1, 4, 4)).all())
+    with pytest.raises(NotImplementedError, match=r"no closed-form mean; estimate it from samples"):
+        d.mean
+    with pytest.raises(NotImplementedError, match=r"no closed-form variance"):
+        d.variance
+    with pytest.raises(NotImplementedError, match=r"no closed-form entropy; estimate it by Monte Carlo"):
+        d.entropy()
+    with pytest.raises(ValueError, match="no layer that reads a context"):
+        flow(torch.randn(3))
