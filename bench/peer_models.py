@@ -241,8 +241,8 @@ def build_pushforward(spec: TaskSpec) -> Built:
                            split_prior=False, alpha=None)
         notes = ["scale exp(3 tanh(a/3))", "conditioners run in channels-last layout (pushforward.nn.ConvNet)"]
     elif spec.kernel == "spline":
-        flow = models.nsf(spec.features, layers=spec.layers, hidden=spec.hidden, bins=spec.bins, bound=spec.bound,
-                          mask=spec.mask)
+        flow = models.nsf(spec.features, layers=spec.layers, hidden=spec.hidden, bins=spec.bins,
+                          tail_bound=spec.bound, mask=spec.mask)
         notes = []
     else:
         flow = models.realnvp(spec.features, layers=spec.layers, hidden=spec.hidden, mask=spec.mask)

@@ -71,7 +71,7 @@ def test_class_conditional_training_sampling_and_eval(tmp_path, capsys):
     assert "[0, 9]" in capsys.readouterr().err
 
     flow = open_run(run).flow
-    assert flow.config["kwargs"]["context_features"] == 10
+    assert flow.recipe["kwargs"]["context_features"] == 10
     onehot = torch.nn.functional.one_hot(torch.arange(10), 10).float()
     with torch.no_grad():
         assert flow.sample(5, context=onehot[3]).shape == (5, 1, 8, 8)

@@ -26,7 +26,7 @@ RECIPES = {
 
 def _inputs(flow, n=6):
     x = torch.rand(n, *flow.event_shape) * 0.9 + 0.05
-    c = torch.randn(n, 3) if flow.config["kwargs"].get("context_features") else None
+    c = torch.randn(n, 3) if flow.recipe["kwargs"].get("context_features") else None
     return x, c
 
 

@@ -36,7 +36,7 @@ def _layer_by_layer(flow, x):
 
 
 def _coupling(flip: bool):
-    return Coupling(AlternatingMask(4, flip=flip), AffineKernel(), lambda i, o: MLP(i, o, hidden=(16,)))
+    return Coupling(AlternatingMask(4, flip=flip), AffineKernel(), lambda i, o, c: MLP(i, o, c, hidden=(16,)))
 
 
 def test_replacing_a_layer_with_the_other_orientation_is_used():

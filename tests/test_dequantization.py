@@ -20,7 +20,7 @@ def _perturb(m, scale=0.1):
 @pytest.mark.parametrize("shape", [(1, 4, 4), (3, 4, 4)])
 def test_variational_noise_lies_in_the_cell_and_log_q_is_exact(shape):
     torch.manual_seed(0)
-    deq = VariationalDequantizer(shape, levels=17, layers=4, hidden_channels=8).double()
+    deq = VariationalDequantizer(shape, quantization_levels=17, layers=4, hidden_channels=8).double()
     _perturb(deq)
     x = torch.randint(0, 17, (6, *shape))
     y, log_q = deq(x, dtype=torch.float64)
@@ -34,7 +34,7 @@ def test_variational_noise_lies_in_the_cell_and_log_q_is_exact(shape):
 def test_variational_bound_is_never_below_the_true_nll():
     # Under a uniform model on [0, 1]^D, P(x) = K^-D exactly; the bound adds E_q[log q] = -H(q) >= 0.
     torch.manual_seed(0)
-    deq = VariationalDequantizer((1, 2, 2), levels=4, layers=2, hidden_channels=8).double()
+    deq = VariationalDequantizer((1, 2, 2), quantization_levels=4, layers=2, hidden_channels=8).double()
     _perturb(deq, 0.3)
     x = torch.randint(0, 4, (1, 1, 2, 2)).expand(4000, 1, 2, 2)
     _, log_q = deq(x, dtype=torch.float64)
@@ -45,7 +45,7 @@ def test_variational_bound_is_never_below_the_true_nll():
 
 def test_gradients_reach_the_dequantizer_through_model_and_log_q():
     torch.manual_seed(0)
-    deq = VariationalDequantizer((1, 4, 4), levels=17, layers=2, hidden_channels=8)
+    deq = VariationalDequantizer((1, 4, 4), quantization_levels=17, layers=2, hidden_channels=8)
     flow = models.glow((1, 4, 4), levels=1, steps=1, hidden_channels=8)
     x = torch.randint(0, 17, (8, 1, 4, 4))
     y, log_q = deq(x)

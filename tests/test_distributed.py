@@ -70,7 +70,7 @@ def glow_flow():
 def variational_flow():
     torch.manual_seed(0)
     image_flow = models.realnvp_image((1, 8, 8), levels=2, hidden_channels=4, blocks=1)
-    return models.dequantized(image_flow.config, levels=17, layers=2, hidden_channels=4)
+    return models.dequantized(image_flow.recipe, quantization_levels=17, layers=2, hidden_channels=4)
 
 
 def config(run_dir, **kw):
@@ -442,8 +442,8 @@ def _recipes():
         "nsf": lambda: models.nsf(3, layers=2, hidden=(8,)),
         "nsf_autoregressive": lambda: models.nsf(3, layers=2, hidden=(8,), autoregressive=True),
         "dequantized_glow": lambda: models.dequantized(
-            models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4).config, levels=17, layers=2,
-            hidden_channels=4),
+            models.glow((1, 8, 8), levels=2, steps=1, hidden_channels=4).recipe, quantization_levels=17,
+            layers=2, hidden_channels=4),
     }
 
 
@@ -459,7 +459,7 @@ def test_to_moves_every_parameter_and_buffer(name):
     flow = _recipes()[name]()
     assert _stray_tensors(flow) == []
     x = torch.rand(5, *flow.event_shape) * 0.9 + 0.05
-    c = torch.randn(5, 3) if flow.config["kwargs"].get("context_features") else None
+    c = torch.randn(5, 3) if flow.recipe["kwargs"].get("context_features") else None
     lp32 = flow.log_prob(x, c).detach()  # ActNorm init in float32
     flow.to(torch.float64)
     tensors = dict(flow.named_parameters()) | dict(flow.named_buffers())

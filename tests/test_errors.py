@@ -175,7 +175,7 @@ def test_context_check_follows_replaced_layers():
 
     flow = models.realnvp(2, layers=2, hidden=(8,))
     flow.transform.transforms[1] = Coupling(AlternatingMask(2), AffineKernel(),
-                                            lambda i, o: MLP(i, o, hidden=(8,), context_features=4))
+                                            lambda i, o, c: MLP(i, o, c, hidden=(8,)), context_features=4)
     with pytest.raises(ValueError, match="needs a context of shape"):
         flow.log_prob(torch.randn(3, 2))
     assert flow.log_prob(torch.randn(3, 2), context=torch.randn(3, 4)).shape == (3,)

@@ -202,7 +202,7 @@ def test_save_load_round_trip(build, tmp_path):
     path = tmp_path / "flow.safetensors"
     pf.save(flow, path)
     loaded = pf.load(path)
-    assert loaded.config == flow.config
+    assert loaded.recipe == flow.recipe
     from pushforward.transforms import ActNorm
 
     assert all(m._initialized for m in loaded.modules() if isinstance(m, ActNorm))
@@ -231,8 +231,8 @@ def test_load_rejects_corrupt_and_mismatched_files(tmp_path):
     import safetensors.torch as st
 
     state = st.load_file(str(path))
-    config = dict(flow.config, kwargs=dict(flow.config["kwargs"], layers=3))
-    st.save_file(state, str(path), metadata={"pushforward_config": json.dumps(config)})
+    recipe = dict(flow.recipe, kwargs=dict(flow.recipe["kwargs"], layers=3))
+    st.save_file(state, str(path), metadata={"pushforward_recipe": json.dumps(recipe)})
     with pytest.raises(ValueError, match="does not match"):
         pf.load(path)
 
@@ -319,3 +319,41 @@ def test_sample_and_log_prob_check_leaves_actnorm_uninitialised():
         warnings.simplefilter("error")
         flow.sample_and_log_prob(3)
     assert not any(bool(m.initialized) for m in flow.modules() if isinstance(m, ActNorm))
+
+
+def test_base_is_checked_against_the_protocol_and_needs_no_base_class():
+    from pushforward.distributions import GaussianMixture
+    from pushforward.protocols import BaseDistribution
+
+    for base in (StandardNormal(2), DiagonalNormal(2), GaussianMixture(2, components=2)):
+        assert isinstance(base, BaseDistribution)
+    with pytest.raises(TypeError, match="BaseDistribution"):
+        Flow(ElementwiseAffine(2), torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expects a Transform"):
+        Flow(torch.nn.Linear(2, 2), StandardNormal(2))
+
+    class Logistic(torch.nn.Module):  # written here: nothing to inherit from pushforward
+        event_shape = torch.Size((2,))
+
+        def log_prob(self, z, context=None):
+            return (-z - 2 * torch.nn.functional.softplus(-z)).sum(-1)
+
+        def sample(self, shape, context=None, temperature=1.0):
+            u = torch.rand(*shape, 2).clamp(1e-6, 1 - 1e-6)
+            return temperature * (u.log() - (-u).log1p())
+
+    flow = Flow(ElementwiseAffine(2), Logistic())
+    x, lp = flow.sample_and_log_prob(5)
+    torch.testing.assert_close(lp, flow.log_prob(x))
+
+
+def test_conditioners_lists_every_network_that_computes_parameters():
+    from pushforward.core import conditioners
+    from pushforward.transforms import Autoregressive, Coupling
+
+    glow = models.glow((1, 8, 8), levels=2, steps=2, hidden_channels=4)
+    couplings = [m for m in glow.modules() if isinstance(m, Coupling)]
+    assert len(couplings) == 5 and conditioners(glow) == [c.net for c in couplings]
+    iaf = models.iaf(3, layers=2, hidden=(8,))  # inside Inverse(...)
+    assert conditioners(iaf) == [m.net for m in iaf.modules() if isinstance(m, Autoregressive)]
+    assert conditioners(Flow(ElementwiseAffine(2), StandardNormal(2))) == []

@@ -20,8 +20,8 @@ BUILDERS = {
     "maf": lambda: models.maf(4, layers=2, hidden=(8,)),
     "iaf": lambda: models.iaf(4, layers=2, hidden=(8,)),
     "nsf": lambda: models.nsf(4, layers=2, hidden=(8,), bins=4),
-    "dequantized": lambda: models.dequantized({"recipe": "glow", "kwargs": _GLOW}, levels=16, layers=1,
-                                              hidden_channels=4),
+    "dequantized": lambda: models.dequantized({"recipe": "glow", "kwargs": _GLOW}, quantization_levels=16,
+                                              layers=1, hidden_channels=4),
     "vae": lambda: models.RECIPES["vae"]((4,), latent=2, hidden=(8,)),
 }
 DTYPES = [torch.float32, torch.float64]
@@ -34,7 +34,7 @@ def test_every_recipe_is_covered():
 def _inputs(flow, dtype):
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(5, *flow.event_shape, generator=g, dtype=torch.float64) * 0.9 + 0.05).to(dtype)
-    c = torch.randn(5, 3, generator=g, dtype=torch.float64).to(dtype) if flow.config["kwargs"].get(
+    c = torch.randn(5, 3, generator=g, dtype=torch.float64).to(dtype) if flow.recipe["kwargs"].get(
         "context_features") else None
     return x, c
 
@@ -102,7 +102,7 @@ def test_integer_dtype_mismatch_is_an_error(tmp_path):
     state = st.load_file(str(path))
     key = next(k for k, v in state.items() if not v.is_floating_point())  # ActNorm's flag
     state[key] = state[key].to(torch.uint8)
-    st.save_file(state, str(path), metadata={"pushforward_config": json.dumps(flow.config)})
+    st.save_file(state, str(path), metadata={"pushforward_recipe": json.dumps(flow.recipe)})
     with pytest.raises(ValueError, match="uint8"):
         pf.load(path)
 
@@ -148,3 +148,46 @@ def test_resumed_float64_run_restores_unrounded_best_weights(tmp_path):
     for (key, value), back in zip(first.state_dict().items(), again.state_dict().values()):
         assert back.dtype == value.dtype == torch.float64 or not value.is_floating_point(), key
         assert torch.equal(back, value), key
+
+
+# the argument names as files written before their renames record them: {recipe: {new name: old name}}
+_FORMER = {"realnvp": {"scale_bound": "bound"}, "realnvp_image": {"scale_bound": "bound"},
+           "glow": {"scale_bound": "bound"}, "maf": {"scale_bound": "bound"}, "iaf": {"scale_bound": "bound"},
+           "nsf": {"tail_bound": "bound"}, "dequantized": {"quantization_levels": "levels"}}
+
+
+def _as_formerly_written(recipe: dict) -> dict:
+    names = _FORMER.get(recipe["recipe"], {})
+    kwargs = {names.get(k, k): v for k, v in recipe["kwargs"].items()}
+    if isinstance(kwargs.get("flow"), dict):
+        kwargs["flow"] = _as_formerly_written(kwargs["flow"])
+    return {**recipe, "kwargs": kwargs}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_files_with_the_former_record_and_argument_names_still_load(name, tmp_path):
+    """Files record ``pushforward_recipe``; they recorded ``pushforward_config`` with ``bound`` (now
+    ``scale_bound`` / ``tail_bound``) and the dequantizer's ``levels`` (now ``quantization_levels``)."""
+    import json
+
+    import safetensors.torch as st
+
+    recipe = BUILDERS[name]().recipe
+    for new in _FORMER.get(name, {}):
+        recipe["kwargs"][new] += 1  # not the default, so the recorded value must come through
+    torch.manual_seed(0)
+    flow = models.build(recipe)
+    _log_prob(flow, *_inputs(flow, torch.float32))  # ActNorm's initialisation
+    path = tmp_path / "f.safetensors"
+    pf.save(flow, path)
+    with st.safe_open(str(path), framework="pt") as f:
+        assert set(f.metadata()) == {"pushforward_recipe"}
+    old = _as_formerly_written(flow.recipe)
+    if name in _FORMER:
+        assert old != flow.recipe
+    st.save_file(st.load_file(str(path)), str(path), metadata={"pushforward_config": json.dumps(old)})
+    loaded = pf.load(path)
+    assert loaded.recipe == flow.recipe
+    x, c = _inputs(flow, torch.float32)
+    torch.testing.assert_close(_log_prob(loaded, x, c), _log_prob(flow, x, c), atol=0, rtol=0)
+

@@ -18,7 +18,9 @@ def _nchw_reference(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.head(torch.relu(h).contiguous())
 
 
-@pytest.mark.parametrize("make", [lambda: ConvNet(2, 4, 16), lambda: ResNet(2, 4, 16, blocks=2)], ids=["convnet", "resnet"])
+@pytest.mark.parametrize("make", [lambda: ConvNet(2, 4, hidden_channels=16),
+                                  lambda: ResNet(2, 4, hidden_channels=16, blocks=2)],
+                         ids=["convnet", "resnet"])
 def test_conv_conditioners_run_channels_last_with_the_same_values(make):
     torch.manual_seed(0)
     net = make().double()

@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
+from registry import CASES
 
 from pushforward.transforms import ActNorm
-from registry import CASES
 
 IDS = sorted(CASES)
 CONTEXT_IDS = [name for name in IDS if CASES[name].context]
@@ -40,7 +40,7 @@ def test_ladj_matches_autograd_jacobian(name):
     for i in range(x.shape[0]):
         ci = None if c is None else c[i : i + 1]
 
-        def f(v):
+        def f(v, ci=ci):
             return t(v.reshape(1, *case.shape), ci)[0].reshape(-1)
 
         jac = torch.autograd.functional.jacobian(f, x[i].reshape(-1))
@@ -182,3 +182,12 @@ def test_couplings_start_as_identity(name):
     z, ladj = t(x, c)
     torch.testing.assert_close(z, x, atol=0, rtol=0)
     torch.testing.assert_close(ladj, torch.zeros_like(ladj), atol=0, rtol=0)
+
+
+def test_kernels_meet_the_kernel_protocol():
+    from pushforward.protocols import Kernel
+    from pushforward.transforms import AdditiveKernel, AffineKernel, SplineKernel
+
+    for kernel in (AdditiveKernel(), AffineKernel(), SplineKernel()):
+        assert isinstance(kernel, Kernel) and isinstance(kernel.params, int)
+    assert not isinstance(object(), Kernel)

@@ -185,9 +185,9 @@ def test_logit_gaussian_decoder_is_a_density_on_the_unit_interval():
 
 
 # -- the recipe, save/load, fit and the CLI ------------------------------------------------------
-def test_recipe_records_config_and_save_load_round_trip(tmp_path):
+def test_recipe_records_itself_and_save_load_round_trip(tmp_path):
     model = models.build({"recipe": "vae", "kwargs": {"event_shape": [1, 8, 8], "hidden_channels": 8, "k": 4}})
-    assert isinstance(model, VAE) and model.config["recipe"] == "vae" and model.k == 4
+    assert isinstance(model, VAE) and model.recipe["recipe"] == "vae" and model.k == 4
     _perturb(model, 0.5)
     pushforward.save(model, tmp_path / "v.safetensors")
     again = pushforward.load(tmp_path / "v.safetensors")

@@ -3,8 +3,14 @@
 ``log p(x) = log p_z(f(x)) + log|det Df(x)|``, where ``f`` maps data to latent.
 """
 
-from . import distributions, models, nn, transforms
-from . import vae  # registers the "vae" recipe (the lecture's baseline)
+from . import (
+    distributions,
+    models,
+    nn,
+    protocols,
+    transforms,
+    vae,  # registers the "vae" recipe (the lecture's baseline)
+)
 from .core import Compose, Flow, FlowDistribution, Inverse, InvertibilityWarning, Transform, set_validation
 from .distributions import DiagonalNormal, GaussianMixture, StandardNormal
 from .initialization import initialize
@@ -13,6 +19,23 @@ from .io import load, save
 __version__ = "0.1.0"
 
 __all__ = [
-    "Compose", "DiagonalNormal", "Flow", "GaussianMixture", "FlowDistribution", "Inverse", "InvertibilityWarning", "StandardNormal", "Transform",
-    "distributions", "initialize", "load", "set_validation", "models", "nn", "save", "transforms", "vae",
+    "Compose",
+    "DiagonalNormal",
+    "Flow",
+    "FlowDistribution",
+    "GaussianMixture",
+    "Inverse",
+    "InvertibilityWarning",
+    "StandardNormal",
+    "Transform",
+    "distributions",
+    "initialize",
+    "load",
+    "models",
+    "nn",
+    "protocols",
+    "save",
+    "set_validation",
+    "transforms",
+    "vae",
 ]

@@ -139,7 +139,7 @@ def save_checkpoint(run_dir: str | os.PathLike, flow, optimizer: torch.optim.Opt
         _fsync(tmp / STATE_FILE)
         record = {
             "format": _FORMAT, "version": _VERSION, **state,
-            "flow_config": flow.config, "optimizer": opt_json, "rng": rng_json,
+            "flow_config": flow.recipe, "optimizer": opt_json, "rng": rng_json,
             "files": {MODEL_FILE: _sha256(tmp / MODEL_FILE), STATE_FILE: _sha256(tmp / STATE_FILE)},
         }
         with open(tmp / JSON_FILE, "w") as f:
@@ -214,10 +214,10 @@ def load_checkpoint(path: str | os.PathLike, flow, optimizer: torch.optim.Optimi
     st = _safetensors()
     ckpt = checkpoint_dir(path)
     record = read_state(ckpt)
-    if flow.config is not None and record["flow_config"] != flow.config:
+    if flow.recipe is not None and record["flow_config"] != flow.recipe:
         raise ValueError(
             f"checkpoint {ckpt / JSON_FILE} was written for a different flow: "
-            f"{record['flow_config']} != {flow.config}"
+            f"{record['flow_config']} != {flow.recipe}"
         )
     model_file = _verified(ckpt, MODEL_FILE, record)
     state_file = _verified(ckpt, STATE_FILE, record)

@@ -151,7 +151,7 @@ def _open(path: str | Path, what: str) -> tuple[Any, Any, dict]:
     from .experiment import open_run
 
     run = open_run(path)
-    is_vae = (run.flow.config or {}).get("recipe") == "vae"
+    is_vae = (run.flow.recipe or {}).get("recipe") == "vae"
     if is_vae != (what == "vae"):
         raise ValueError(f"--{what} {path} holds a {'VAE' if is_vae else 'flow'}, not a {what}")
     return run.flow, run.config, _metrics_summary(run.run_dir)
@@ -530,9 +530,9 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
             summary["paired"][name] = {"nats": mean, "nats_stderr": se, "bpd": mean / (dims * math.log(2)),
                                        "bpd_stderr": se / (dims * math.log(2))}
     n_speed = 256 if dataset.is_image else 2000
-    flow_info = {"recipe": flow.config["recipe"], "config": flow.config, "parameters": count_parameters(flow),
+    flow_info = {"recipe": flow.recipe["recipe"], "config": flow.recipe, "parameters": count_parameters(flow),
                  "samples_per_s": sampling_speed(flow, n_speed), "run_dir": str(Path(fcfg.run_dir)), **(flow_stats or {})}
-    vae_info = {"arch": "conv" if hasattr(vae.encoder, "nets") else "mlp", "latent": vae.latent, "config": vae.config,
+    vae_info = {"arch": "conv" if hasattr(vae.encoder, "nets") else "mlp", "latent": vae.latent, "config": vae.recipe,
                 "parameters": count_parameters(vae), "samples_per_s": sampling_speed(vae, n_speed),
                 "run_dir": str(Path(vcfg.run_dir)), **(vae_stats or {})}
     result = {

@@ -15,13 +15,28 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-__all__ = ["Transform", "Inverse", "Compose", "Flow", "FlowDistribution", "sum_event", "set_validation",
-           "validation_enabled", "shape_checks_enabled", "context_features", "InvertibilityWarning"]
+from .protocols import BaseDistribution
+
+__all__ = [
+    "Compose",
+    "Flow",
+    "FlowDistribution",
+    "Inverse",
+    "InvertibilityWarning",
+    "Transform",
+    "conditioners",
+    "context_features",
+    "set_validation",
+    "shape_checks_enabled",
+    "sum_event",
+    "validation_enabled",
+]
 
 _VALIDATION = True
 _NO_SCRIPT = ("pushforward flows and transforms cannot be compiled by TorchScript (torch.jit.script): they use "
@@ -105,6 +120,19 @@ def context_features(module: nn.Module) -> int:
     return widths.pop() if widths else 0
 
 
+def conditioners(module: nn.Module) -> list[nn.Module]:
+    """Every conditioner network inside ``module``: what :meth:`Transform.conditioners` of its layers return.
+
+    Computed from the modules as they are now, in ``module.modules()`` order, each network once.
+    """
+    nets: dict[int, nn.Module] = {}
+    for m in module.modules():
+        if isinstance(m, Transform):
+            for net in m.conditioners():
+                nets.setdefault(id(net), net)
+    return list(nets.values())
+
+
 class Transform(nn.Module):
     """A bijection with a tractable log-determinant.
 
@@ -144,6 +172,14 @@ class Transform(nn.Module):
     def inv(self) -> Transform:
         """The inverse transform, as a module sharing this one's parameters."""
         return Inverse(self)
+
+    def conditioners(self) -> list[nn.Module]:
+        """The networks of this layer alone (not of layers inside it) that compute its parameters; none here.
+
+        Structures (coupling, autoregressive) return their conditioner; :func:`conditioners` collects
+        them over a whole flow, e.g. to run them under autocast.
+        """
+        return []
 
     def __prepare_scriptable__(self):
         raise TypeError(_NO_SCRIPT)
@@ -267,31 +303,51 @@ class Flow(nn.Module):
     Args:
         transform: maps data ``x`` of shape ``(*batch, *event_shape)`` to latents of the same
             shape as the base's events.
-        base: the base density ``p_z`` (see :mod:`pushforward.distributions`).
+        base: the base density ``p_z``, a :class:`~pushforward.protocols.BaseDistribution` (see
+            :mod:`pushforward.distributions`).
         embedding: optional module applied once to ``context`` before any transform sees it.
         validate: check inputs (shape, dtype, finiteness) with clear errors; skipped under
             ``torch.compile`` and when :func:`set_validation` switched all checks off.
 
     ``flow(context)`` returns a genuine :class:`torch.distributions.Distribution`.
 
+    Attributes:
+        recipe: ``{"recipe": name, "kwargs": {...}}``, set by the recipes of :mod:`pushforward.models`
+            so the flow can be rebuilt and saved (:func:`pushforward.models.build`, :func:`pushforward.save`);
+            ``None`` for a flow assembled by hand.
+
+    Raises:
+        TypeError: If ``transform`` is not a :class:`Transform` or ``base`` lacks ``event_shape``,
+            ``log_prob`` or ``sample``.
+
     References:
         Rezende & Mohamed, "Variational Inference with Normalizing Flows", 2015.
     """
 
+    transform: Transform
+    base: BaseDistribution
+    embedding: nn.Module | None
+    recipe: dict | None
+
     def __init__(
         self,
         transform: Transform,
-        base: nn.Module,
+        base: BaseDistribution,
         embedding: nn.Module | None = None,
         validate: bool = True,
     ):
         super().__init__()
+        if not isinstance(transform, Transform):
+            raise TypeError(f"Flow expects a Transform (e.g. Compose(...)), got {type(transform).__name__}")
+        if not isinstance(base, BaseDistribution):
+            raise TypeError("Flow's base needs event_shape, log_prob(z, context) and sample(shape, context, "
+                            "temperature) (pushforward.protocols.BaseDistribution), got "
+                            f"{type(base).__name__}")
         self.transform = transform
         self.base = base
         self.embedding = embedding
         self.validate = validate
-        #: Recipe name and arguments, set by :mod:`pushforward.models` so a flow can be rebuilt.
-        self.config: dict | None = None
+        self.recipe = None
 
     @property
     def event_shape(self) -> torch.Size:
@@ -310,7 +366,8 @@ class Flow(nn.Module):
 
     def _context_width(self) -> tuple[bool, int | None]:
         """``(conditional, width)`` of the context users pass (before the embedding); width ``None``: unknown."""
-        inner = max(context_features(self.transform), context_features(self.base))
+        base = context_features(self.base) if isinstance(self.base, nn.Module) else 0
+        inner = max(context_features(self.transform), base)
         if self.embedding is None:
             return inner > 0, inner
         return True, getattr(self.embedding, "in_features", None)
@@ -549,7 +606,7 @@ class FlowDistribution(Distribution):
     """
 
     has_rsample = True
-    arg_constraints: dict = {}
+    arg_constraints: ClassVar[dict] = {}
 
     def __init__(self, flow: Flow, context: Tensor | None = None, batch_shape: Sequence[int] | None = None):
         if flow.validate and shape_checks_enabled():
@@ -620,7 +677,7 @@ class FlowDistribution(Distribution):
             return self._call(method, shape + tuple(self.batch_shape), None)
         return self._call(method, shape, self.context)
 
-    def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
         """Reparameterised samples (:meth:`Flow.sample` at temperature 1), differentiable in the parameters.
 
         Args:
@@ -631,7 +688,7 @@ class FlowDistribution(Distribution):
         """
         return self._draw("sample", sample_shape)
 
-    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+    def sample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
         """Same as :meth:`rsample`, under ``torch.no_grad()`` (no autograd graph is kept).
 
         Args:
@@ -643,7 +700,7 @@ class FlowDistribution(Distribution):
         with torch.no_grad():
             return self.rsample(sample_shape)
 
-    def rsample_and_log_prob(self, sample_shape=torch.Size()) -> tuple[Tensor, Tensor]:
+    def rsample_and_log_prob(self, sample_shape: torch.Size | Sequence[int] = ()) -> tuple[Tensor, Tensor]:
         """Reparameterised samples and their log-density in one pass (:meth:`Flow.sample_and_log_prob`).
 
         Args:

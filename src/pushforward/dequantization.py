@@ -29,12 +29,13 @@ from .transforms import AffineKernel, ChannelMask, CheckerboardMask, Coupling, L
 __all__ = ["UniformDequantizer", "VariationalDequantizer"]
 
 
-def _check_levels(x: Tensor, levels: int) -> None:
+def _check_values(x: Tensor, quantization_levels: int) -> None:
+    top = quantization_levels - 1
     if x.is_floating_point() or x.is_complex():
-        raise TypeError(f"dequantization expects integer data in [0, {levels - 1}], got {x.dtype}")
-    if validation_enabled() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= levels):
+        raise TypeError(f"dequantization expects integer data in [0, {top}], got {x.dtype}")
+    if validation_enabled() and x.numel() and (int(x.min()) < 0 or int(x.max()) > top):
         raise ValueError(
-            f"dequantization expects integers in [0, {levels - 1}], got values in [{int(x.min())}, {int(x.max())}]"
+            f"dequantization expects integers in [0, {top}], got values in [{int(x.min())}, {int(x.max())}]"
         )
 
 
@@ -45,22 +46,22 @@ class UniformDequantizer(nn.Module):
     ``[0, 1)``, plus a zero ``log q`` of shape ``(B,)``; the interface of :class:`VariationalDequantizer`.
 
     Args:
-        levels: number of discrete levels ``K`` (e.g. 256).
+        quantization_levels: number of discrete values ``K`` per dimension (256 for 8-bit pixels).
 
     References:
         Uria, Murray & Larochelle, "RNADE", 2013; Theis, van den Oord & Bethge, "A note on the
         evaluation of generative models", 2016.
     """
 
-    def __init__(self, levels: int):
+    def __init__(self, quantization_levels: int):
         super().__init__()
-        self.levels = levels
+        self.quantization_levels = quantization_levels
 
     def forward(self, x: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Returns ``y = (x + u) / K`` of shape ``x.shape`` and ``log q(u | x)`` of shape ``(B,)``."""
-        _check_levels(x, self.levels)
+        _check_values(x, self.quantization_levels)
         u = torch.rand(x.shape, dtype=dtype, device=x.device)
-        y = ((x.to(dtype) + u) / self.levels).clamp(max=1 - torch.finfo(dtype).eps)
+        y = ((x.to(dtype) + u) / self.quantization_levels).clamp(max=1 - torch.finfo(dtype).eps)
         return y, y.new_zeros(x.shape[0])
 
 
@@ -73,7 +74,7 @@ class VariationalDequantizer(nn.Module):
 
     Args:
         shape: image shape ``(C, H, W)``.
-        levels: number of discrete levels ``K``.
+        quantization_levels: number of discrete values ``K`` per dimension (256 for 8-bit pixels).
         layers: number of couplings.
         hidden_channels: conditioner width.
 
@@ -81,10 +82,11 @@ class VariationalDequantizer(nn.Module):
         Ho, Chen, Srinivas, Duan & Abbeel, "Flow++", 2019, section 3.1.
     """
 
-    def __init__(self, shape: Sequence[int], levels: int, layers: int = 4, hidden_channels: int = 32):
+    def __init__(self, shape: Sequence[int], quantization_levels: int, layers: int = 4,
+                 hidden_channels: int = 32):
         super().__init__()
         c, h, w = shape
-        self.levels = levels
+        self.quantization_levels = quantization_levels
         net = functools.partial(ConvNet, hidden_channels=hidden_channels, context_channels=c)
         ts = [Logit(0.0, event_dim=3)]  # u in (0, 1) -> R, data -> latent direction
         for i in range(layers):
@@ -95,7 +97,7 @@ class VariationalDequantizer(nn.Module):
         self.base = StandardNormal(tuple(shape))
 
     def _context(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        return x.to(dtype) / (self.levels - 1) - 0.5
+        return x.to(dtype) / (self.quantization_levels - 1) - 0.5
 
     def log_q(self, u: Tensor, x: Tensor) -> Tensor:
         """``log q(u | x)`` for given noise ``u`` in ``(0, 1)``; shape ``(B,)``."""
@@ -104,10 +106,10 @@ class VariationalDequantizer(nn.Module):
 
     def forward(self, x: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Samples ``u ~ q(u | x)``; returns ``y = (x + u) / K`` and ``log q(u | x)`` (shape ``(B,)``)."""
-        _check_levels(x, self.levels)
+        _check_values(x, self.quantization_levels)
         context = self._context(x, dtype)
         eps = self.base.sample((x.shape[0],)).to(dtype)
         u, ladj = self.transform.inverse(eps, context)
         log_q = self.base.log_prob(eps) - ladj
         u = u.clamp(torch.finfo(dtype).tiny, 1 - torch.finfo(dtype).eps)
-        return (x.to(dtype) + u) / self.levels, log_q
+        return (x.to(dtype) + u) / self.quantization_levels, log_q

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .core import sum_event
 
-__all__ = ["StandardNormal", "DiagonalNormal", "GaussianMixture"]
+__all__ = ["DiagonalNormal", "GaussianMixture", "StandardNormal"]
 
 _LOG_2PI = math.log(2 * math.pi)
 

@@ -97,7 +97,8 @@ def build_flow(config: TrainConfig, dataset: Dataset) -> Flow:
     if config.dequantization == "variational":
         if not dataset.is_image:
             raise ValueError(f"dequantization = 'variational' is for discrete images; {dataset.name} is not one")
-        spec = {"recipe": "dequantized", "kwargs": {"flow": spec, "levels": dataset.levels, **config.dequantizer}}
+        spec = {"recipe": "dequantized",
+                "kwargs": {"flow": spec, "quantization_levels": dataset.levels, **config.dequantizer}}
     return build(spec)
 
 

@@ -1,7 +1,9 @@
 """Saving and loading flows without pickling: weights in safetensors, architecture as JSON.
 
-A recipe-built flow (``flow.config`` set) is rebuilt from its recipe name and arguments, then its
+A recipe-built flow (``flow.recipe`` set) is rebuilt from its recipe name and arguments, then its
 weights are loaded strictly, so a mismatched or corrupted file is a clear error, never code execution.
+Files that record the former argument names (``bound``, now ``scale_bound`` or ``tail_bound``; the
+dequantizer's ``levels``, now ``quantization_levels``) still load.
 Loading is exact: every tensor comes back with the dtype and the bits it was saved with (a float64
 flow stays float64), and a tensor whose dtype cannot be matched is an error, never a silent cast.
 """
@@ -21,7 +23,11 @@ from .core import Flow
 
 __all__ = ["load", "save"]
 
-_KEY = "pushforward_config"
+_KEY = "pushforward_recipe"
+_OLD_KEY = "pushforward_config"  # the same record under its former name, with the former argument names
+# argument names as they were under _OLD_KEY, per recipe
+_RENAMED = {**{name: {"bound": "scale_bound"} for name in ("realnvp", "realnvp_image", "glow", "maf", "iaf")},
+            "nsf": {"bound": "tail_bound"}, "dequantized": {"levels": "quantization_levels"}}
 
 
 def _safetensors():
@@ -86,23 +92,32 @@ def _match_dtypes(module: nn.Module, state: dict[str, Tensor]) -> None:
                 owner._buffers[name] = owner._buffers[name].to(saved.dtype)
 
 
+def _renamed(recipe: dict) -> dict:
+    """A recipe record written under ``_OLD_KEY``, with today's argument names."""
+    names = _RENAMED.get(str(recipe.get("recipe")), {})
+    kwargs = {names.get(k, k): v for k, v in recipe.get("kwargs", {}).items()}
+    if isinstance(kwargs.get("flow"), dict):  # dequantized(flow=<inner record>)
+        kwargs["flow"] = _renamed(kwargs["flow"])
+    return {**recipe, "kwargs": kwargs}
+
+
 def save(flow: Flow, path: str | os.PathLike) -> None:
     """Writes ``flow``'s weights and recipe to one ``.safetensors`` file, atomically.
 
     Args:
-        flow: a recipe-built flow (``flow.config`` set), e.g. from :mod:`pushforward.models`.
+        flow: a recipe-built flow (``flow.recipe`` set), e.g. from :mod:`pushforward.models`.
         path: the file to write (its directory is created).
 
     Raises:
         ValueError: if the flow was not built by a recipe, so its architecture cannot be recorded.
     """
-    if flow.config is None:
+    if flow.recipe is None:
         raise ValueError(
-            "this flow was not built by a recipe (flow.config is None), so its architecture cannot be "
+            "this flow was not built by a recipe (flow.recipe is None), so its architecture cannot be "
             "recorded; save flow.state_dict() and rebuild the flow yourself"
         )
     state = {k: v.detach().contiguous().cpu() for k, v in flow.state_dict().items()}
-    metadata = {_KEY: json.dumps(flow.config)}
+    metadata = {_KEY: json.dumps(flow.recipe)}
     atomic_write(path, lambda tmp: _safetensors().save_file(state, tmp, metadata=metadata))
 
 
@@ -136,9 +151,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> F
         state = st.load_file(str(path), device=str(map_location))
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
-    if _KEY not in metadata:
+    if _KEY in metadata:
+        recipe = json.loads(metadata[_KEY])
+    elif _OLD_KEY in metadata:
+        recipe = _renamed(json.loads(metadata[_OLD_KEY]))
+    else:
         raise ValueError(f"{path} has no pushforward architecture record; was it written by pushforward.save?")
-    flow = build(json.loads(metadata[_KEY]))
+    flow = build(recipe)
     try:
         _match_dtypes(flow, state)
         flow.load_state_dict(state, strict=True)

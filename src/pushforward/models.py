@@ -1,7 +1,9 @@
 """Recipes: functions that build a ready-to-train :class:`~pushforward.core.Flow`.
 
-Every recipe records its name and arguments in ``flow.config`` so that :func:`build` (and
-:func:`pushforward.io.load`) can rebuild the same architecture without unpickling code.
+Every recipe records its name and arguments in ``flow.recipe`` so that :func:`build` (and
+:func:`pushforward.io.load`) can rebuild the same architecture without unpickling code. Recipes pass
+``context_features`` to the structures (:class:`~pushforward.transforms.Coupling`,
+:class:`~pushforward.transforms.Autoregressive`), which hand it to the conditioner factories.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ from collections.abc import Callable, Sequence
 
 from .core import Compose, Flow, Inverse, Transform
 from .distributions import StandardNormal
-from .nn import MLP, ConvNet, ResNet
+from .nn import MADE, MLP, ConvNet, ResNet
 from .transforms import (
     ActNorm,
     AdditiveKernel,
     AffineKernel,
     AlternatingMask,
     Autoregressive,
-    CheckerboardMask,
     ChannelMask,
+    CheckerboardMask,
     Coupling,
     ElementwiseAffine,
     FactorOut,
@@ -33,13 +35,13 @@ from .transforms import (
     Unsqueeze,
 )
 
-__all__ = ["nice", "realnvp", "realnvp_image", "glow", "maf", "iaf", "nsf", "dequantized", "build", "RECIPES"]
+__all__ = ["RECIPES", "build", "dequantized", "glow", "iaf", "maf", "nice", "nsf", "realnvp", "realnvp_image"]
 
 RECIPES: dict[str, Callable[..., Flow]] = {}
 
 
 def recipe(fn: Callable[..., Flow]) -> Callable[..., Flow]:
-    """Registers ``fn`` and records its bound arguments in ``flow.config``."""
+    """Registers ``fn`` and records its bound arguments in ``flow.recipe``."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -48,19 +50,19 @@ def recipe(fn: Callable[..., Flow]) -> Callable[..., Flow]:
         bound.apply_defaults()
         flow = fn(*bound.args, **bound.kwargs)
         arguments = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
-        flow.config = {"recipe": fn.__name__, "kwargs": arguments}
+        flow.recipe = {"recipe": fn.__name__, "kwargs": arguments}
         return flow
 
     RECIPES[fn.__name__] = wrapper
     return wrapper
 
 
-def build(config: dict) -> Flow:
-    """Rebuilds a flow from its ``flow.config`` (``{"recipe": name, "kwargs": {...}}``)."""
-    name = config.get("recipe")
+def build(recipe: dict) -> Flow:
+    """Rebuilds a flow from its ``flow.recipe`` (``{"recipe": name, "kwargs": {...}}``)."""
+    name = recipe.get("recipe")
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
-    return RECIPES[name](**config.get("kwargs", {}))
+    return RECIPES[name](**recipe.get("kwargs", {}))
 
 
 _VECTOR_MASKS = {"half": HalfMask, "alternating": AlternatingMask}
@@ -74,8 +76,9 @@ def _vector_mask(name: str):
 
 def _couplings(features, layers, kernel, hidden, mask, context_features) -> list[Transform]:
     mask_cls = _vector_mask(mask)
-    net = functools.partial(MLP, hidden=tuple(hidden), context_features=context_features)
-    return [Coupling(mask_cls(features, flip=bool(i % 2)), kernel, net) for i in range(layers)]
+    net = functools.partial(MLP, hidden=tuple(hidden))
+    return [Coupling(mask_cls(features, flip=bool(i % 2)), kernel, net, context_features)
+            for i in range(layers)]
 
 
 @recipe
@@ -92,13 +95,15 @@ def nice(features: int, layers: int = 4, hidden: Sequence[int] = (256, 256), mas
 
 @recipe
 def realnvp(features: int, layers: int = 8, hidden: Sequence[int] = (128, 128), mask: str = "alternating",
-            bound: float = 3.0, context_features: int = 0) -> Flow:
+            scale_bound: float = 3.0, context_features: int = 0) -> Flow:
     """RealNVP for vectors: affine couplings whose masks alternate from layer to layer.
+
+    ``scale_bound`` bounds each coupling's log-scale (:class:`~pushforward.transforms.AffineKernel`).
 
     References:
         Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
     """
-    layers_ = _couplings(features, layers, AffineKernel(bound), hidden, mask, context_features)
+    layers_ = _couplings(features, layers, AffineKernel(scale_bound), hidden, mask, context_features)
     return Flow(Compose(*layers_), StandardNormal(features))
 
 
@@ -120,31 +125,32 @@ def _preprocess(alpha: float | None) -> list[Transform]:
 
 @recipe
 def realnvp_image(shape: Sequence[int], levels: int = 2, hidden_channels: int = 64, blocks: int = 2,
-                  alpha: float | None = 0.05, bound: float = 3.0, context_features: int = 0) -> Flow:
+                  alpha: float | None = 0.05, scale_bound: float = 3.0, context_features: int = 0) -> Flow:
     """RealNVP's multi-scale image model for data in ``[0, 1]`` (dequantized pixels).
 
     Each scale but the last: 3 checkerboard couplings, squeeze, 3 channel couplings, factor out
     half the channels. The last scale: 4 checkerboard couplings. Conditioners are ResNets.
-    ``alpha`` adds the logit preprocessing inside the flow (``None``: data already real-valued).
+    ``levels`` counts the scales, ``alpha`` adds the logit preprocessing inside the flow (``None``:
+    data already real-valued) and ``scale_bound`` bounds the couplings' log-scales.
 
     References:
         Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017, section 4.1.
     """
     c, h, w = _check_image_shape(shape, levels - 1, "realnvp_image")
-    net = functools.partial(ResNet, hidden_channels=hidden_channels, blocks=blocks,
-                            context_features=context_features)
-    kernel = AffineKernel(bound)
+    net = functools.partial(ResNet, hidden_channels=hidden_channels, blocks=blocks)
+    kernel = AffineKernel(scale_bound)
 
     def scale(c: int, h: int, w: int, level: int) -> list[Transform]:
         last = level == levels - 1
         ts: list[Transform] = [
-            Coupling(CheckerboardMask(c, h, w, flip=bool(i % 2)), kernel, net) for i in range(4 if last else 3)
+            Coupling(CheckerboardMask(c, h, w, flip=bool(i % 2)), kernel, net, context_features)
+            for i in range(4 if last else 3)
         ]
         if last:
             return ts
         c, h, w = 4 * c, h // 2, w // 2
         ts.append(Squeeze())
-        ts += [Coupling(ChannelMask(c, flip=bool(i % 2)), kernel, net) for i in range(3)]
+        ts += [Coupling(ChannelMask(c, flip=bool(i % 2)), kernel, net, context_features) for i in range(3)]
         kept = c - c // 2
         ts += [FactorOut(c, Compose(*scale(kept, h, w, level + 1))), Unsqueeze()]
         return ts
@@ -154,31 +160,36 @@ def realnvp_image(shape: Sequence[int], levels: int = 2, hidden_channels: int = 
 
 @recipe
 def glow(shape: Sequence[int], levels: int = 2, steps: int = 4, hidden_channels: int = 64,
-         alpha: float | None = 0.05, bound: float = 3.0, split_prior: bool = True,
+         alpha: float | None = 0.05, scale_bound: float = 3.0, split_prior: bool = True,
          context_features: int = 0) -> Flow:
     """Glow: per level, squeeze then ``steps`` x (ActNorm, invertible 1x1 conv, affine coupling),
     then factor out half the channels (all levels but the last).
 
-    ``split_prior`` learns Glow's prior ``p(z2 | z1) = N(mu(z1), sigma(z1))`` on each factored-out
-    half. With one latent tensor this is exactly an affine coupling whose transformed half is the
-    factored-out one: ``e2 = (z2 - mu(z1)) / sigma(z1)`` is then standard normal.
+    ``levels`` counts the scales (``L`` in the paper), ``steps`` the steps per level (``K``) and
+    ``scale_bound`` bounds the couplings' log-scales. ``split_prior`` learns Glow's prior
+    ``p(z2 | z1) = N(mu(z1), sigma(z1))`` on each factored-out half. With one latent tensor this is
+    exactly an affine coupling whose transformed half is the factored-out one:
+    ``e2 = (z2 - mu(z1)) / sigma(z1)`` is then standard normal.
 
     References:
         Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
-    c, h, w = _check_image_shape(shape, levels, "glow")
-    net = functools.partial(ConvNet, hidden_channels=hidden_channels, context_features=context_features)
-    kernel = AffineKernel(bound)
+    c, _, _ = _check_image_shape(shape, levels, "glow")
+    net = functools.partial(ConvNet, hidden_channels=hidden_channels)
+    kernel = AffineKernel(scale_bound)
+
+    def coupling(c: int) -> Coupling:
+        return Coupling(ChannelMask(c), kernel, net, context_features)
 
     def level(c: int, level_: int) -> list[Transform]:
         c = 4 * c
         ts: list[Transform] = [Squeeze()]
         for _ in range(steps):
-            ts += [ActNorm(c, event_dim=3), InvertibleConv1x1(c), Coupling(ChannelMask(c), kernel, net)]
+            ts += [ActNorm(c, event_dim=3), InvertibleConv1x1(c), coupling(c)]
         if level_ < levels - 1:
             kept = c - c // 2
             if split_prior:
-                ts.append(Coupling(ChannelMask(c), kernel, net))  # conditions on kept, transforms factored
+                ts.append(coupling(c))  # conditions on kept, transforms factored
             ts.append(FactorOut(c, Compose(*level(kept, level_ + 1))))
         ts.append(Unsqueeze())
         return ts
@@ -191,46 +202,53 @@ def _autoregressive(features, layers, kernel, hidden, context_features, inverse:
     for i in range(layers):
         if i:
             ts.append(Reverse(features))  # each layer sees the previous one's order reversed
-        t = Autoregressive(features, kernel, tuple(hidden), context_features=context_features)
+        t = Autoregressive(features, kernel, functools.partial(MADE, hidden=tuple(hidden)), context_features)
         ts.append(Inverse(t) if inverse else t)
     return ts
 
 
 @recipe
-def maf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), bound: float = 3.0,
+def maf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), scale_bound: float = 3.0,
         context_features: int = 0) -> Flow:
     """Masked autoregressive flow: affine MADE layers; density in one pass, sampling in ``D`` passes.
+
+    ``scale_bound`` bounds the log-scales (:class:`~pushforward.transforms.AffineKernel`).
 
     References:
         Papamakarios, Pavlakou & Murray, "Masked Autoregressive Flow for Density Estimation", 2017.
     """
-    ts = _autoregressive(features, layers, AffineKernel(bound), hidden, context_features, inverse=False)
+    ts = _autoregressive(features, layers, AffineKernel(scale_bound), hidden, context_features, inverse=False)
     return Flow(Compose(*ts), StandardNormal(features))
 
 
 @recipe
-def iaf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), bound: float = 3.0,
+def iaf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), scale_bound: float = 3.0,
         context_features: int = 0) -> Flow:
     """Inverse autoregressive flow: MAF's layers inverted; sampling in one pass, density in ``D`` passes.
+
+    ``scale_bound`` bounds the log-scales (:class:`~pushforward.transforms.AffineKernel`).
 
     References:
         Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow", 2016.
     """
-    ts = _autoregressive(features, layers, AffineKernel(bound), hidden, context_features, inverse=True)
+    ts = _autoregressive(features, layers, AffineKernel(scale_bound), hidden, context_features, inverse=True)
     return Flow(Compose(*ts), StandardNormal(features))
 
 
 @recipe
-def nsf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), bins: int = 8, bound: float = 5.0,
-        autoregressive: bool = False, mask: str = "alternating", context_features: int = 0) -> Flow:
+def nsf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), bins: int = 8,
+        tail_bound: float = 5.0, autoregressive: bool = False, mask: str = "alternating",
+        context_features: int = 0) -> Flow:
     """Neural spline flow: rational-quadratic spline couplings (or autoregressive layers).
 
-    Coupling layers alternate their masks; autoregressive layers reverse the order between layers.
+    Each spline has ``bins`` bins on ``[-tail_bound, tail_bound]`` and is the identity outside
+    (:class:`~pushforward.transforms.SplineKernel`). Coupling layers alternate their masks;
+    autoregressive layers reverse the order between layers.
 
     References:
         Durkan, Bekasov, Murray & Papamakarios, "Neural Spline Flows", 2019.
     """
-    kernel = SplineKernel(bins, bound)
+    kernel = SplineKernel(bins, tail_bound)
     if autoregressive:
         ts = _autoregressive(features, layers, kernel, hidden, context_features, inverse=False)
     else:
@@ -239,8 +257,11 @@ def nsf(features: int, layers: int = 5, hidden: Sequence[int] = (128, 128), bins
 
 
 @recipe
-def dequantized(flow: dict, levels: int, layers: int = 4, hidden_channels: int = 32) -> Flow:
-    """The image flow ``flow`` (a ``flow.config`` dict) with a variational dequantizer attached.
+def dequantized(flow: dict, quantization_levels: int, layers: int = 4, hidden_channels: int = 32) -> Flow:
+    """The image flow ``flow`` (a ``flow.recipe`` dict) with a variational dequantizer attached.
+
+    ``quantization_levels`` is the number of discrete values per pixel (256 for 8-bit images, 17 for
+    sklearn's digits), not the multi-scale ``levels`` some image recipes take.
 
     The returned flow is the one :func:`build` makes from ``flow``, with a
     :class:`~pushforward.dequantization.VariationalDequantizer` ``q(u | x)`` of ``layers`` couplings
@@ -258,5 +279,6 @@ def dequantized(flow: dict, levels: int, layers: int = 4, hidden_channels: int =
     if len(model.event_shape) != 3:
         raise ValueError(f"variational dequantization needs an image flow (C, H, W), got event shape "
                          f"{tuple(model.event_shape)}")
-    model.dequantizer = VariationalDequantizer(tuple(model.event_shape), levels, layers, hidden_channels)
+    model.dequantizer = VariationalDequantizer(tuple(model.event_shape), quantization_levels, layers,
+                                               hidden_channels)
     return model

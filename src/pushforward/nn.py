@@ -1,17 +1,21 @@
-"""Conditioner networks. Each has the factory signature ``(in_features, out_features, ...)`` and a
-zero-initialised last layer, so a coupling layer built on it starts as the identity.
+"""Conditioner networks. Each takes the factory arguments ``(in_features, out_features, context_features)``
+first (:class:`~pushforward.protocols.ConditionerFactory`), its options by keyword, and has a
+zero-initialised last layer, so a layer built on it starts as the identity.
 
-Pass extra options with ``functools.partial``, e.g. ``partial(MLP, hidden=(256, 256))``.
+Bind options with ``functools.partial``, e.g. ``partial(MLP, hidden=(256, 256))``; the structure
+(:class:`~pushforward.transforms.Coupling`, :class:`~pushforward.transforms.Autoregressive`) passes the
+three widths.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "ConvNet", "ResNet", "MADE"]
+__all__ = ["MADE", "MLP", "ConvNet", "ResNet"]
 
 
 def _zero(layer: nn.Module) -> nn.Module:
@@ -40,9 +44,9 @@ class MLP(nn.Sequential):
     Args:
         in_features: input size.
         out_features: output size.
+        context_features: size of an optional context, concatenated to the input.
         hidden: hidden layer sizes.
         activation: activation module class.
-        context_features: size of an optional context, concatenated to the input.
         zero_init: zero-initialise the last layer.
     """
 
@@ -50,14 +54,15 @@ class MLP(nn.Sequential):
         self,
         in_features: int,
         out_features: int,
+        context_features: int = 0,
+        *,
         hidden: Sequence[int] = (128, 128),
         activation: type[nn.Module] = nn.ReLU,
-        context_features: int = 0,
         zero_init: bool = True,
     ):
         sizes = [in_features + context_features, *hidden]
         layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in itertools.pairwise(sizes):
             layers += [nn.Linear(a, b), _fresh_input_activation(activation)]
         last = nn.Linear(sizes[-1], out_features)
         layers.append(_zero(last) if zero_init else last)
@@ -94,8 +99,9 @@ class ConvNet(nn.Module):
     Args:
         in_channels: input channels.
         out_channels: output channels.
-        hidden_channels: width of the hidden layers.
         context_features: size of an optional context vector, added as a per-channel bias.
+        hidden_channels: width of the hidden layers.
+        activation: activation module class.
         context_channels: channels of an optional context *image* ``(*, Cc, H, W)`` of the input's
             size, concatenated to the input (e.g. the pixels a dequantizer conditions on).
 
@@ -107,9 +113,10 @@ class ConvNet(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
+        context_features: int = 0,
+        *,
         hidden_channels: int = 64,
         activation: type[nn.Module] = nn.ReLU,
-        context_features: int = 0,
         context_channels: int = 0,
     ):
         super().__init__()
@@ -164,9 +171,10 @@ class ResNet(nn.Module):
     Args:
         in_channels: input channels.
         out_channels: output channels.
+        context_features: size of an optional context vector, added as a per-channel bias.
         hidden_channels: width of the residual blocks.
         blocks: number of residual blocks.
-        context_features: size of an optional context vector, added as a per-channel bias.
+        activation: activation module class.
 
     References:
         He et al., "Deep Residual Learning", 2016; used as RealNVP's conditioner (Dinh et al., 2017).
@@ -176,10 +184,11 @@ class ResNet(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
+        context_features: int = 0,
+        *,
         hidden_channels: int = 64,
         blocks: int = 2,
         activation: type[nn.Module] = nn.ReLU,
-        context_features: int = 0,
     ):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
@@ -210,8 +219,9 @@ class _MaskedLinear(nn.Linear):
 class MADE(nn.Module):
     """Masked autoencoder: output block ``j`` of feature ``i`` depends only on inputs ``< i``.
 
-    Maps ``(*, features)`` to ``(*, params * features)`` laid out as ``params`` blocks of
-    ``features`` (the layout every kernel reads). The last layer is zero-initialised.
+    Maps ``(*, D)`` to ``(*, P * D)`` laid out as ``P = out_features // in_features`` blocks of
+    ``D`` (the layout every kernel reads): the default conditioner of
+    :class:`~pushforward.transforms.Autoregressive`. The last layer is zero-initialised.
 
     Degrees: input ``i`` has degree ``i`` (1-based), a hidden unit of degree ``k`` sees the inputs
     of degree ``<= k`` and output ``i`` the hidden units of degree ``< i``. The context, if any,
@@ -220,19 +230,27 @@ class MADE(nn.Module):
     depend on the context). Without hidden layers the context feeds every output directly.
 
     Args:
-        features: ``D``.
-        params: parameters per feature (the kernel's ``params``).
+        in_features: ``D``.
+        out_features: ``P * D``, a multiple of ``D`` (``P``: the kernel's ``params``).
+        context_features: size of an optional context.
         hidden: hidden layer sizes (each at least ``D - 1``, or ``D`` with a context, for full
             connectivity).
-        context_features: size of an optional context.
+        activation: activation module class.
+
+    Raises:
+        ValueError: If ``out_features`` is not a positive multiple of ``in_features``.
 
     References:
         Germain, Gregor, Murray & Larochelle, "MADE: Masked Autoencoder for Distribution Estimation", 2015.
     """
 
-    def __init__(self, features: int, params: int, hidden: Sequence[int] = (128, 128),
-                 activation: type[nn.Module] = nn.ReLU, context_features: int = 0):
+    def __init__(self, in_features: int, out_features: int, context_features: int = 0, *,
+                 hidden: Sequence[int] = (128, 128), activation: type[nn.Module] = nn.ReLU):
         super().__init__()
+        if in_features < 1 or out_features < in_features or out_features % in_features:
+            raise ValueError("MADE maps D features to P blocks of D outputs: out_features must be a "
+                             f"positive multiple of in_features, got {in_features} -> {out_features}")
+        features, params = in_features, out_features // in_features
         self.features, self.params, self.context_features = features, params, context_features
         degrees = [torch.arange(1, features + 1)]
         for h in hidden:
@@ -241,7 +259,7 @@ class MADE(nn.Module):
             else:  # degrees 1..D-1
                 degrees.append(torch.arange(h) % max(features - 1, 1) + 1)
         layers: list[nn.Module] = []
-        for d_in, d_out in zip(degrees[:-1], degrees[1:]):
+        for d_in, d_out in itertools.pairwise(degrees):
             mask = (d_out[:, None] >= d_in[None, :]).float()
             layers += [_MaskedLinear(len(d_in), len(d_out), mask), activation()]
         out_degrees = torch.arange(1, features + 1).repeat(params)

@@ -391,7 +391,7 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
     """Trains ``flow`` by exact maximum likelihood; see the module docstring.
 
     Args:
-        flow: a recipe-built flow (``flow.config`` set, so checkpoints can record it).
+        flow: a recipe-built flow (``flow.recipe`` set, so checkpoints can record it).
         train_data: the training set: a float tensor ``(N, *event_shape)`` or an
             :class:`~pushforward.data.ImageData` (integer images, dequantized afresh every epoch).
         val_data: the validation set, of the same kind as ``train_data``.
@@ -477,7 +477,7 @@ def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, 
             for name in ("metrics.jsonl", "metrics.csv", "best.safetensors"):
                 if dist.is_main:
                     (out / name).unlink(missing_ok=True)
-        text = json.dumps({"train": config.to_dict(), "flow": flow.config}, indent=1)
+        text = json.dumps({"train": config.to_dict(), "flow": flow.recipe}, indent=1)
         if dist.is_main:
             atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
     elif resume:

@@ -102,10 +102,11 @@ class _ConvEncoder(nn.Module):
         cin = c
         for level in range(max(levels, 1)):
             cout = bottleneck if level == max(levels, 1) - 1 else hidden_channels
-            self.nets.append(_hidden_layer(ResNet(cin, cout, hidden_channels, blocks, context_features=context_features)))
+            net = ResNet(cin, cout, context_features, hidden_channels=hidden_channels, blocks=blocks)
+            self.nets.append(_hidden_layer(net))
             cin = 4 * cout if level < levels else cout
         self.flat = cin * (h >> levels) * (w >> levels)
-        self.out = MLP(self.flat, out_features, hidden=(), context_features=context_features)
+        self.out = MLP(self.flat, out_features, context_features, hidden=())
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         for level, net in enumerate(self.nets):
@@ -123,13 +124,13 @@ class _ConvDecoder(nn.Module):
         c, h, w = shape
         self.levels = levels
         self.start = (4 * bottleneck if levels else bottleneck, h >> levels, w >> levels)
-        self.inp = MLP(latent, math.prod(self.start), hidden=(), context_features=context_features, zero_init=False)
+        self.inp = MLP(latent, math.prod(self.start), context_features, hidden=(), zero_init=False)
         self.nets = nn.ModuleList()
         cin = bottleneck
         for level in reversed(range(max(levels, 1))):
             last = level == 0
             cout = 2 * c if last else 4 * hidden_channels
-            net = ResNet(cin, cout, hidden_channels, blocks, context_features=context_features)
+            net = ResNet(cin, cout, context_features, hidden_channels=hidden_channels, blocks=blocks)
             self.nets.append(net if last else _hidden_layer(net))  # the output layer starts at zero
             cin = hidden_channels
 
@@ -147,10 +148,10 @@ class _ConvDecoder(nn.Module):
 class VAE(nn.Module):
     """A VAE with a diagonal Gaussian encoder, a standard normal prior and a Gaussian decoder.
 
-    Build it with the :func:`vae` recipe (which records ``config`` so checkpoints rebuild it). It
+    Build it with the :func:`vae` recipe (which records ``recipe`` so checkpoints rebuild it). It
     follows the :class:`~pushforward.core.Flow` interface where that makes sense: ``log_prob(x,
     context)`` (the training objective: the ELBO, or ``IWAE_k`` when ``k > 1``), ``sample``,
-    ``event_shape`` and ``config``; so :func:`pushforward.train.fit` trains it unchanged.
+    ``event_shape`` and ``recipe``; so :func:`pushforward.train.fit` trains it unchanged.
 
     Args:
         event_shape: ``(D,)`` or ``(C, H, W)``.
@@ -186,7 +187,7 @@ class VAE(nn.Module):
         self.preprocess = Logit(alpha, event_dim=len(self.event_shape)) if likelihood == "logit_gaussian" else None
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
         #: Recipe name and arguments, set by the :func:`vae` recipe so the model can be rebuilt.
-        self.config: dict | None = None
+        self.recipe: dict | None = None
 
     # -- helpers -----------------------------------------------------------------------------
     @property
@@ -352,7 +353,7 @@ def vae(event_shape: Sequence[int], latent: int = 0, arch: str = "auto", hidden:
         context_features: size of an optional context (e.g. a one-hot label) seen by both networks.
 
     Returns:
-        A :class:`VAE` with ``config`` set (so :func:`pushforward.load` rebuilds it).
+        A :class:`VAE` with ``recipe`` set (so :func:`pushforward.load` rebuilds it).
 
     References:
         Kingma & Welling, "Auto-Encoding Variational Bayes", 2014.
@@ -379,7 +380,7 @@ def vae(event_shape: Sequence[int], latent: int = 0, arch: str = "auto", hidden:
         decoder = _ConvDecoder(event_shape, latent, hidden_channels, blocks, levels, bottleneck, context_features)
     else:
         encoder = _FlatMLP(event_shape, dims, 2 * latent, tuple(hidden), context_features)
-        decoder = MLP(latent, 2 * dims, hidden=tuple(hidden), context_features=context_features)
+        decoder = MLP(latent, 2 * dims, context_features, hidden=tuple(hidden))
     return VAE(event_shape, encoder, decoder, latent, likelihood, alpha, k)
 
 
@@ -388,7 +389,7 @@ class _FlatMLP(nn.Module):
 
     def __init__(self, event_shape, dims, out_features, hidden, context_features):
         super().__init__()
-        self.net = MLP(dims, out_features, hidden=hidden, context_features=context_features)
+        self.net = MLP(dims, out_features, context_features, hidden=hidden)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.net(x.flatten(1), context)

@@ -1,5 +1,6 @@
 """Every transform of the lecture, each a :class:`~pushforward.core.Transform`."""
 
+from .autoregressive import Autoregressive
 from .coupling import (
     AdditiveKernel,
     AffineKernel,
@@ -24,11 +25,34 @@ from .linear import (
 )
 from .reshape import FactorOut, Squeeze, Unsqueeze
 from .splines import SplineKernel
-from .autoregressive import Autoregressive
 
 __all__ = [
-    "ActNorm", "AdditiveKernel", "Autoregressive", "SplineKernel", "AffineKernel", "AlternatingMask", "ChannelMask", "CheckerboardMask",
-    "Coupling", "ElementwiseAffine", "FactorOut", "HalfMask", "IndexMask", "InvertibleConv1x1",
-    "LeakyReLU", "Linear", "Logit", "LowerTriangular", "LULinear", "Mask", "Permutation", "Reverse",
-    "Sigmoid", "Squeeze", "Tanh", "Triangular", "Unsqueeze", "UpperTriangular",
+    "ActNorm",
+    "AdditiveKernel",
+    "AffineKernel",
+    "AlternatingMask",
+    "Autoregressive",
+    "ChannelMask",
+    "CheckerboardMask",
+    "Coupling",
+    "ElementwiseAffine",
+    "FactorOut",
+    "HalfMask",
+    "IndexMask",
+    "InvertibleConv1x1",
+    "LULinear",
+    "LeakyReLU",
+    "Linear",
+    "Logit",
+    "LowerTriangular",
+    "Mask",
+    "Permutation",
+    "Reverse",
+    "Sigmoid",
+    "SplineKernel",
+    "Squeeze",
+    "Tanh",
+    "Triangular",
+    "Unsqueeze",
+    "UpperTriangular",
 ]

@@ -16,23 +16,22 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
 from ..core import Transform, shape_checks_enabled, sum_event
+from ..protocols import ConditionerFactory, Kernel
 
 __all__ = [
-    "Mask",
-    "IndexMask",
-    "HalfMask",
+    "AdditiveKernel",
+    "AffineKernel",
     "AlternatingMask",
     "ChannelMask",
     "CheckerboardMask",
-    "AdditiveKernel",
-    "AffineKernel",
     "Coupling",
+    "HalfMask",
+    "IndexMask",
+    "Mask",
 ]
 
 
@@ -103,7 +102,7 @@ class IndexMask(Mask):
 
     def __init__(self, features: int, cond: list[int], event_dim: int = 1):
         super().__init__()
-        cond = sorted(set(int(i) for i in cond))
+        cond = sorted({int(i) for i in cond})
         trans = [i for i in range(features) if i not in cond]
         if not cond or not trans or cond[0] < 0 or cond[-1] >= features:
             what = "channels" if event_dim == 3 else "features"
@@ -332,7 +331,7 @@ class AffineKernel:
     The bound ``c`` keeps early training stable; ``log|dy/dx| = s`` exactly (never ``log(exp(s))``).
 
     Args:
-        bound: the bound ``c`` on the absolute log-scale.
+        scale_bound: the bound ``c`` on the absolute log-scale ``|s|``.
 
     References:
         Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
@@ -341,12 +340,14 @@ class AffineKernel:
 
     params = 2
 
-    def __init__(self, bound: float = 3.0):
-        self.bound = bound
+    def __init__(self, scale_bound: float = 3.0):
+        if not scale_bound > 0:
+            raise ValueError(f"AffineKernel needs scale_bound > 0, got {scale_bound}")
+        self.scale_bound = scale_bound
 
     def _scale_shift(self, params: Tensor, dim: int) -> tuple[Tensor, Tensor]:
         raw, shift = params.chunk(2, dim)
-        return torch.tanh(raw * (1 / self.bound)) * self.bound, shift
+        return torch.tanh(raw * (1 / self.scale_bound)) * self.scale_bound, shift
 
     def forward(self, x: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor | None]:
         """``y = x * exp(s) + t``.
@@ -379,36 +380,50 @@ class AffineKernel:
         return (y - t) * neg_s.exp(), neg_s
 
     def __repr__(self) -> str:
-        return f"AffineKernel(bound={self.bound})"
+        return f"AffineKernel(scale_bound={self.scale_bound})"
 
 
-Conditioner = Callable[[int, int], nn.Module]
+def check_kernel(kernel: object, who: str) -> None:
+    """Raises ``TypeError`` unless ``kernel`` has what :class:`~pushforward.protocols.Kernel` names."""
+    if not isinstance(kernel, Kernel) or isinstance(kernel, type):
+        raise TypeError(f"{who} needs a kernel instance with an integer `params` and methods forward/inverse"
+                        f"(x, params, dim) -> (y, logd) (e.g. AffineKernel()); got {kernel!r}")
 
 
 class Coupling(Transform):
     """One coupling layer: ``mask`` x ``kernel`` x ``conditioner``.
 
+    The conditioner is built as ``conditioner(mask.in_features, kernel.params * mask.out_features,
+    context_features)`` and called as ``net(x_a)`` or ``net(x_a, context)``; it may depend on ``x_a``
+    and the context in any way. Its output holds ``kernel.params`` blocks of ``x_b``'s size along the
+    split dimension (features, or channels of ``(*, C, H, W)``).
+
     Args:
         mask: a :class:`Mask` (e.g. ``HalfMask(D)``, ``ChannelMask(C)``, ``CheckerboardMask(C, H, W)``).
-        kernel (AdditiveKernel | AffineKernel | SplineKernel): an elementwise kernel
-            (``AdditiveKernel()``, ``AffineKernel()``, ``SplineKernel()``, ...): any object with an
-            integer ``params`` (blocks per transformed element) and ``forward``/``inverse`` methods
-            ``(x, params, dim) -> (y, logd)``.
-        conditioner: a factory ``(in_features, out_features) -> nn.Module`` (e.g.
-            ``functools.partial(MLP, hidden=(128, 128))``); the module is called as ``net(x_a)``
-            or ``net(x_a, context)``. Zero-initialise its last layer so the layer starts as the
+        kernel: an elementwise :class:`~pushforward.protocols.Kernel` (``AdditiveKernel()``,
+            ``AffineKernel()``, ``SplineKernel()``, ...).
+        conditioner: a :class:`~pushforward.protocols.ConditionerFactory` ``(in_features,
+            out_features, context_features) -> nn.Module`` (e.g. ``functools.partial(MLP,
+            hidden=(128, 128))``). Zero-initialise its last layer so the layer starts as the
             identity (the conditioners of :mod:`pushforward.nn` do).
+        context_features: width of the context vector the conditioner reads (0: none).
+
+    Raises:
+        TypeError: If ``kernel`` is not a kernel instance.
 
     References:
         Dinh, Krueger & Bengio, "NICE: Non-linear Independent Components Estimation", 2015.
         Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017.
     """
 
-    def __init__(self, mask: Mask, kernel, conditioner: Conditioner):
+    def __init__(self, mask: Mask, kernel: Kernel, conditioner: ConditionerFactory,
+                 context_features: int = 0):
         super().__init__()
+        check_kernel(kernel, "Coupling")
         self.mask = mask
         self.kernel = kernel
-        self.net = conditioner(mask.in_features, mask.out_features * kernel.params)
+        self.context_features = context_features
+        self.net = conditioner(mask.in_features, mask.out_features * kernel.params, context_features)
 
     def _transform_part(self, x_a: Tensor, x_b: Tensor, context: Tensor | None,
                         inverse: bool) -> tuple[Tensor, Tensor | None]:
@@ -459,5 +474,10 @@ class Coupling(Transform):
         x_b, logd = self._transform_part(z_a, z_b, context, inverse=True)
         return self.mask.merge(z_a, x_b), self._ladj(logd, z)
 
+    def conditioners(self) -> list[nn.Module]:
+        """``[self.net]``: the conditioner network."""
+        return [self.net]
+
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel!r}"
+        ctx = f", context_features={self.context_features}" if self.context_features else ""
+        return f"kernel={self.kernel!r}{ctx}"

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..core import Transform, sum_event, validation_enabled
 
-__all__ = ["LeakyReLU", "Sigmoid", "Logit", "Tanh", "ElementwiseAffine", "ActNorm"]
+__all__ = ["ActNorm", "ElementwiseAffine", "LeakyReLU", "Logit", "Sigmoid", "Tanh"]
 
 _LOG2 = math.log(2.0)
 

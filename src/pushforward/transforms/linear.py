@@ -15,14 +15,14 @@ from torch import Tensor, nn
 from ..core import Transform
 
 __all__ = [
+    "InvertibleConv1x1",
+    "LULinear",
     "Linear",
-    "Triangular",
     "LowerTriangular",
-    "UpperTriangular",
     "Permutation",
     "Reverse",
-    "LULinear",
-    "InvertibleConv1x1",
+    "Triangular",
+    "UpperTriangular",
 ]
 
 
@@ -127,7 +127,8 @@ class Permutation(Transform):
 
     Args:
         permutation: a permutation of ``range(features)``, e.g. ``torch.randperm(D)``.
-        event_dim: 1 for ``(*, D)`` vectors, 3 for ``(*, C, H, W)`` images (permutes channels).
+        event_dim: 1 for ``(*, D)`` vectors, 2 for ``(*, N, P)`` sequences (permutes tokens), 3 for
+            ``(*, C, H, W)`` images (permutes channels).
 
     References:
         Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.2 (permutations between coupling layers: Dinh et al., "NICE", 2015).
@@ -161,11 +162,14 @@ class Permutation(Transform):
 
 
 class Reverse(Permutation):
-    """Reverses the order of the features (or channels) of ``(*, D)`` or ``(*, C, H, W)``.
+    """Reverses the order of the features (tokens, channels) of ``(*, D)`` (``(*, N, P)``, ``(*, C, H, W)``).
+
+    Between autoregressive layers it reverses their order: of the features (MAF), of the tokens
+    (``event_dim=2``, TarFlow's patch-order reversal between blocks).
 
     Args:
         features: size of the first event dimension.
-        event_dim: 1 for vectors, 3 for images.
+        event_dim: 1 for vectors, 2 for sequences, 3 for images.
 
     References:
         Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017 (alternating the

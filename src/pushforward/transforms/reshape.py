@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..core import Transform, shape_checks_enabled
 
-__all__ = ["Squeeze", "Unsqueeze", "FactorOut"]
+__all__ = ["FactorOut", "Squeeze", "Unsqueeze"]
 
 
 def _zeros(x: Tensor) -> Tensor:

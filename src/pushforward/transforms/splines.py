@@ -22,7 +22,7 @@ __all__ = ["SplineKernel"]
 
 
 class SplineKernel:
-    """Rational-quadratic spline kernel with ``bins`` bins on ``[-bound, bound]``.
+    """Rational-quadratic spline kernel: ``bins`` bins on ``[-tail_bound, tail_bound]``, linear tails outside.
 
     Parameters per element: ``3 * bins - 1`` (bin widths, bin heights, interior derivatives), laid
     out as ``params`` blocks along the split dimension like every kernel. At ``params = 0`` the
@@ -30,40 +30,42 @@ class SplineKernel:
 
     Args:
         bins: number of bins ``K``.
-        bound: half-width ``B`` of the spline's interval.
+        tail_bound: half-width ``B`` of the spline's interval; outside it the kernel is the identity
+            (nflows' ``tail_bound``).
         min_width: floor on each bin's width, as a fraction of the interval (``min_width * bins < 1``).
         min_height: floor on each bin's height, as a fraction of the interval (``min_height * bins < 1``).
         min_derivative: floor on the derivatives at the interior knots (keeps slopes away from zero).
 
     Raises:
-        ValueError: If ``bins < 1``, ``bound <= 0``, ``min_width * bins >= 1`` or ``min_height * bins >= 1``.
+        ValueError: If ``bins < 1``, ``tail_bound <= 0``, ``min_width * bins >= 1`` or
+            ``min_height * bins >= 1``.
 
     References:
         Durkan, Bekasov, Murray & Papamakarios, "Neural Spline Flows", 2019.
     """
 
-    def __init__(self, bins: int = 8, bound: float = 5.0, min_width: float = 1e-3, min_height: float = 1e-3,
-                 min_derivative: float = 1e-3):
-        if bins < 1 or bound <= 0 or min_width * bins >= 1 or min_height * bins >= 1:
-            raise ValueError(f"invalid spline: bins={bins}, bound={bound}, min_width={min_width}, "
-                             f"min_height={min_height} (need bins >= 1, bound > 0, min_* x bins < 1)")
-        self.bins, self.bound = bins, bound
+    def __init__(self, bins: int = 8, tail_bound: float = 5.0, min_width: float = 1e-3,
+                 min_height: float = 1e-3, min_derivative: float = 1e-3):
+        if bins < 1 or tail_bound <= 0 or min_width * bins >= 1 or min_height * bins >= 1:
+            raise ValueError(f"invalid spline: bins={bins}, tail_bound={tail_bound}, min_width={min_width}, "
+                             f"min_height={min_height} (need bins >= 1, tail_bound > 0, min_* x bins < 1)")
+        self.bins, self.tail_bound = bins, tail_bound
         self.min_width, self.min_height, self.min_derivative = min_width, min_height, min_derivative
         self.params = 3 * bins - 1
         # softplus(raw + shift) + min_derivative == 1 at raw == 0
         self._shift = math.log(math.expm1(1 - min_derivative))
 
     def __repr__(self) -> str:
-        return f"SplineKernel(bins={self.bins}, bound={self.bound})"
+        return f"SplineKernel(bins={self.bins}, tail_bound={self.tail_bound})"
 
     def _knots(self, raw: Tensor, minimum: float) -> tuple[Tensor, Tensor]:
         """Knot positions ``(*, K + 1)`` from ``-B`` to ``B`` and bin sizes ``(*, K)``."""
         k = self.bins
         sizes = minimum + (1 - minimum * k) * torch.softmax(raw, dim=-1)
-        knots = torch.cumsum(sizes, dim=-1) * (2 * self.bound) - self.bound
-        knots = F.pad(knots, (1, 0), value=-self.bound)
+        knots = torch.cumsum(sizes, dim=-1) * (2 * self.tail_bound) - self.tail_bound
+        knots = F.pad(knots, (1, 0), value=-self.tail_bound)
         # the last knot is exactly B (cumsum rounding must not open a gap at the boundary)
-        knots = torch.cat([knots[..., :-1], knots.new_full(knots[..., -1:].shape, self.bound)], dim=-1)
+        knots = torch.cat([knots[..., :-1], knots.new_full(knots[..., -1:].shape, self.tail_bound)], dim=-1)
         return knots, knots[..., 1:] - knots[..., :-1]
 
     def _spline(self, params: Tensor, dim: int):
@@ -85,7 +87,7 @@ class SplineKernel:
         return (v[..., None] >= knots[..., 1:-1]).sum(-1, keepdim=True)
 
     def forward(self, x: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        """Applies the spline elementwise; the identity outside ``[-bound, bound]``.
+        """Applies the spline elementwise; the identity outside ``[-tail_bound, tail_bound]``.
 
         Args:
             x: the transformed part ``x_b``, e.g. ``(*batch, D_b)`` or ``(*batch, C_b, H, W)``.
@@ -98,8 +100,8 @@ class SplineKernel:
             ``x``'s shape.
         """
         xk, w, yk, h, d = self._spline(params, dim)
-        inside = (x > -self.bound) & (x < self.bound)
-        xc = x.clamp(-self.bound, self.bound)
+        inside = (x > -self.tail_bound) & (x < self.tail_bound)
+        xc = x.clamp(-self.tail_bound, self.tail_bound)
         i = self._bin(xk, xc)
         x0, wi, y0, hi = self._gather(xk, i), self._gather(w, i), self._gather(yk, i), self._gather(h, i)
         d0, d1 = self._gather(d, i), self._gather(d, i + 1)
@@ -124,8 +126,8 @@ class SplineKernel:
             ``y``'s shape.
         """
         xk, w, yk, h, d = self._spline(params, dim)
-        inside = (y > -self.bound) & (y < self.bound)
-        yc = y.clamp(-self.bound, self.bound)
+        inside = (y > -self.tail_bound) & (y < self.tail_bound)
+        yc = y.clamp(-self.tail_bound, self.tail_bound)
         i = self._bin(yk, yc)
         x0, wi, y0, hi = self._gather(xk, i), self._gather(w, i), self._gather(yk, i), self._gather(h, i)
         d0, d1 = self._gather(d, i), self._gather(d, i + 1)
