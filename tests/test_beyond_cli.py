@@ -9,14 +9,16 @@ import math
 import numpy as np
 import torch
 
-from pushforward.cli import eval_run, main
+from pushforward.cli import main
 from pushforward.experiment import load_dataset, open_run
+from pushforward.runs import eval_run
 from pushforward.train import evaluate
 
 torch.set_num_threads(1)
 
-TINY_DIGITS = ["--data", "digits", "--no-progress", "--set", "model.hidden_channels=8", "--set", "batch_size=32",
-               "--set", "warmup_steps=2", "--set", "max_train=128", "--set", "lr=3e-3"]
+TINY_DIGITS = ["--data", "digits", "--no-progress", "--set", "model.hidden_channels=8",
+               "--set", "batch_size=32", "--set", "warmup_steps=2", "--set", "max_train=128",
+               "--set", "lr=3e-3"]
 
 
 def png(path) -> bool:
@@ -58,8 +60,9 @@ def test_variational_dequantization_trains_and_its_checkpoint_round_trips(tmp_pa
 
 def test_class_conditional_training_sampling_and_eval(tmp_path, capsys):
     run = tmp_path / "cond"
-    assert main(["train", *TINY_DIGITS, "--recipe", "glow", "--set", "model.steps=1", "--set", "model.levels=1",
-                 "--condition", "label", "--run-dir", str(run), "--max-steps", "20", "--set", "val_every=20"]) == 0
+    assert main(["train", *TINY_DIGITS, "--recipe", "glow", "--set", "model.steps=1",
+                 "--set", "model.levels=1", "--condition", "label", "--run-dir", str(run),
+                 "--max-steps", "20", "--set", "val_every=20"]) == 0
     assert main(["eval", str(run)]) == 0
     result = json.loads((run / "eval.json").read_text())
     assert "label" in result["conditional"] and math.isfinite(result["bpd"]) and result["n"] == 180
@@ -111,7 +114,8 @@ def test_variational_conditional_run_resumes_exactly(tmp_path):
         return resolve_config({}, {
             "data": "digits", "dequantization": "variational", "condition": "label", "max_train": 64,
             "batch_size": 32, "warmup_steps": 2, "max_steps": 8, "val_every": 4, "progress": False,
-            "model": {"hidden_channels": 4}, "dequantizer": {"layers": 2, "hidden_channels": 4}, "run_dir": str(run)})
+            "model": {"hidden_channels": 4}, "dequantizer": {"layers": 2, "hidden_channels": 4},
+            "run_dir": str(run)})
 
     c = config(tmp_path / "straight")
     ds = load_dataset(c)

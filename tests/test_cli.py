@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +16,9 @@ from pushforward.cli import main
 
 torch.set_num_threads(1)
 
-TINY_2D = ["--data", "moons", "--no-progress", "--set", "n_train=1000", "--set", "n_val=200", "--set", "n_test=300",
-           "--set", "model.layers=2", "--set", "model.hidden=[16,16]", "--set", "batch_size=100",
-           "--set", "warmup_steps=5"]
+TINY_2D = ["--data", "moons", "--no-progress", "--set", "n_train=1000", "--set", "n_val=200",
+           "--set", "n_test=300", "--set", "model.layers=2", "--set", "model.hidden=[16,16]",
+           "--set", "batch_size=100", "--set", "warmup_steps=5"]
 TINY_DIGITS = ["--data", "digits", "--no-progress", "--set", "model.hidden_channels=8",
                "--set", "batch_size=32", "--set", "warmup_steps=2", "--set", "max_train=256"]
 
@@ -35,7 +37,8 @@ def test_train_eval_sample_plot_2d(tmp_path, capsys):
     assert result["n"] == 300 and math.isfinite(result["nll"]) and 0 < result["nll_stderr"] < 1
     assert result["max_reconstruction_error"] < 1e-4
     assert "NLL" in capsys.readouterr().out
-    assert main(["sample", str(run), "--n", "200", "--temperature", "0.8", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["sample", str(run), "--n", "200", "--temperature", "0.8",
+                 "--out", str(tmp_path / "s.png")]) == 0
     assert png(tmp_path / "s.png")
     assert main(["plot", str(run)]) == 0 and png(run / "curves.png")
     # eval also accepts a checkpoint directory or a weights file
@@ -77,7 +80,8 @@ def test_config_file_typo_lists_valid_keys(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "'batch_sise'" in err and "valid keys are:" in err and "batch_size" in err
-    assert main(["train", "--data", "moons", "--set", "model.hiden=[4]", "--run-dir", str(tmp_path / "x")]) == 2
+    assert main(["train", "--data", "moons", "--set", "model.hiden=[4]", "--run-dir", str(tmp_path / "x")]) \
+        == 2
     assert "arguments are: features, layers, hidden" in capsys.readouterr().err
     assert main(["train", "--data", "no-such-data"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
@@ -94,7 +98,8 @@ def test_eval_of_a_corrupted_run_is_an_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
 def test_python_dash_m_entry_point(argv):
-    out = subprocess.run([sys.executable, "-m", "pushforward", *argv], capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run([sys.executable, "-m", "pushforward", *argv], capture_output=True, text=True,
+                         timeout=60, check=False)
     assert out.returncode == 0 and "pushforward" in out.stdout
 
 
@@ -119,13 +124,122 @@ def test_table_from_a_csv_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["moons", "digits", "fashion-mnist"])
 def test_shipped_configs_are_valid(name):
-    from pathlib import Path
-
-    from pushforward.config import DATASET_DEFAULTS, dataset_kind, load_toml, model_kwargs, resolve_config
+    from pushforward.config import dataset_entry, load_toml, model_kwargs, resolve_config
 
     path = Path(__file__).parents[1] / "configs" / f"{name}.toml"
     config = resolve_config(load_toml(path))
-    defaults = DATASET_DEFAULTS[dataset_kind(config.data)]
-    assert config.recipe == defaults["recipe"] and config.model == defaults["models"][config.recipe]
+    entry = dataset_entry(config)
+    assert config.recipe == entry.recipe and config.model == entry.models[config.recipe]
     shape = (2,) if name == "moons" else (1, 8, 8) if name == "digits" else (1, 28, 28)
     model_kwargs(config, shape)  # the recipe accepts every key
+
+
+# -- the data set registry from the command line -------------------------------------------------------
+def _blobs(config):
+    """Three Gaussian blobs in 3-D, seeded: a data set that exists only in this test."""
+    g = torch.Generator().manual_seed(config.seed)
+    centres = torch.tensor([[0.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+
+    def draw(n):
+        return centres[torch.randint(0, 3, (n,), generator=g)] + 0.3 * torch.randn(n, 3, generator=g)
+
+    from pushforward.data import Dataset
+
+    return Dataset("blobs3d", "table", draw(400), draw(100), draw(100), (3,))
+
+
+def test_a_registered_dataset_trains_with_its_defaults_and_is_listed(tmp_path, capsys):
+    from pushforward.data import register, unregister
+
+    register("blobs3d", kind="table", load=_blobs, help="three Gaussian blobs in 3-D (a test entry)",
+             recipe="maf", models={"maf": {"layers": 2, "hidden": [8]}},
+             settings={"batch_size": 50, "max_steps": 6, "val_every": 3, "warmup_steps": 2,
+                       "progress": False})
+    try:
+        run = tmp_path / "blobs"
+        assert main(["train", "--data", "blobs3d", "--run-dir", str(run)]) == 0
+        config = json.loads((run / "config.json").read_text())
+        assert config["train"]["recipe"] == "maf" and config["train"]["batch_size"] == 50
+        assert config["flow"]["recipe"] == "maf"
+        assert {k: config["flow"]["kwargs"][k] for k in ("features", "layers", "hidden")} == {
+            "features": 3, "layers": 2, "hidden": [8]}
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [3, 6]
+        assert main(["eval", str(run)]) == 0 and json.loads((run / "eval.json").read_text())["n"] == 100
+        capsys.readouterr()
+        for argv in (["--help"], ["train", "--help"]):
+            with pytest.raises(SystemExit) as exit_:
+                main(argv)
+            assert exit_.value.code == 0
+            out = capsys.readouterr().out
+            assert "blobs3d" in out and "three Gaussian blobs in 3-D (a test entry)" in out
+    finally:
+        unregister("blobs3d")
+    assert main(["train", "--data", "blobs3d", "--run-dir", str(tmp_path / "gone")]) == 2
+    assert "unknown dataset 'blobs3d'" in capsys.readouterr().err
+
+
+def test_an_idx_directory_is_a_dataset(tmp_path):
+    import gzip
+    import struct
+
+    import numpy as np
+
+    def write_idx(path, array):
+        blob = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+        blob += b"".join(struct.pack(">I", d) for d in array.shape)
+        path.write_bytes(gzip.compress(blob + array.astype(">u1").tobytes()))
+
+    rng = np.random.default_rng(0)
+    idx = tmp_path / "tiny-mnist"
+    idx.mkdir()
+    for split, n in (("train", 40), ("t10k", 12)):
+        write_idx(idx / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 8, 8)))
+        write_idx(idx / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(idx), "--run-dir", str(run), "--max-steps", "2", "--no-progress",
+                 "--set", "model.levels=1", "--set", "model.steps=1", "--set", "model.hidden_channels=4",
+                 "--set", "batch_size=8", "--set", "warmup_steps=1", "--set", "val_fraction=0.25"]) == 0
+    assert json.loads((run / "config.json").read_text())["flow"]["recipe"] == "glow"  # the IDX entry's
+    assert main(["eval", str(run)]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["data"] == "tiny-mnist" and result["n"] == 12 and result["levels"] == 256
+
+
+# -- module layout ------------------------------------------------------------------------------------------
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_the_parser_and_help_import_no_torch():
+    """cli.py, config.py and the registry are torch-free: the package __init__ (which imports the models) is
+    bypassed by a bare package module, so this checks the command line's own imports."""
+    import pushforward
+
+    src = str(Path(pushforward.__file__).parent)
+    out = _python(
+        "import sys, types\n"
+        f"pkg = types.ModuleType('pushforward'); pkg.__path__ = [{src!r}]; sys.modules['pushforward'] = pkg\n"
+        "import pushforward.cli as cli\n"
+        "text = cli.build_parser().format_help()\n"
+        "assert 'moons' in text and 'FILE.csv' in text, text\n"
+        "heavy = ('torch', 'numpy', 'matplotlib', 'pushforward.runs')\n"
+        "print('loaded:', sorted(m for m in heavy if m in sys.modules))\n")
+
+    assert out.returncode == 0, out.stderr
+    assert "loaded: []" in out.stdout
+
+
+def test_compare_builds_on_runs_not_on_the_cli():
+    out = _python("import sys, pushforward.compare\n"
+                  "print('cli' if 'pushforward.cli' in sys.modules else 'no cli', "
+                  "'runs' if 'pushforward.runs' in sys.modules else 'no runs')")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["no", "cli", "runs"]
+    src = Path(__file__).parents[1] / "src" / "pushforward"
+    imports_cli = re.compile(r"^\s*(from (\.|pushforward\.)cli import|import pushforward\.cli"
+                             r"|from (\.|pushforward) import .*\bcli\b)", re.MULTILINE)
+    importers = sorted(p.name for p in src.rglob("*.py")
+                       if p.name != "__main__.py" and imports_cli.search(p.read_text()))
+    assert importers == []  # only `python -m pushforward` enters through the CLI

@@ -301,3 +301,95 @@ def test_mean_and_stderr() -> None:
     assert math.isnan(mean_and_stderr([3.0])[1])
     with pytest.raises(ValueError):
         mean_and_stderr(torch.tensor([]))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_registry_holds_every_toy_density_with_its_true_density() -> None:
+    from pushforward.data import entries, lookup, names
+
+    assert names("toy2d") == list(TOY_DENSITIES)
+    for name in TOY_DENSITIES:
+        entry = lookup(name)
+        assert entry.kind == "toy2d" and entry.recipe == "realnvp" and entry.help
+        assert (entry.log_prob is None) == (name == "pinwheel")
+    x = toy_sample("moons", 5, seed=0)
+    assert torch.equal(lookup("moons").log_prob(x), toy_log_prob("moons", x))
+    assert lookup("checkerboard").entropy() == pytest.approx(math.log(32))
+    images = {e.name: e for e in entries() if e.kind == "image"}
+    assert (images["digits"].levels, images["digits"].classes) == (17, 10)
+    assert (images["fashion-mnist"].levels, images["fashion-mnist"].classes) == (256, 10)
+
+
+def test_registry_lookup_of_names_files_and_directories(tmp_path: Path) -> None:
+    from pushforward.data import lookup
+
+    assert lookup("digits").name == "digits"
+    assert lookup("some/where/table.CSV").name == "table"  # by suffix, before the file exists
+    (tmp_path / "rows").write_text("1,2\n3,4\n")
+    assert lookup(str(tmp_path / "rows")).name == "table"  # an existing file of any name
+    assert lookup(str(tmp_path)).name == "idx"  # a directory: IDX images
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist': use one of moons, .*digits.*FILE\.csv"):
+        lookup("mnist")
+    assert lookup.__module__ == "pushforward.data.registry"
+
+
+def test_register_validates_and_unregister_cleans_up() -> None:
+    from pushforward.data import Dataset, lookup, names, register, unregister
+
+    def load(config):
+        return Dataset("x", "table", torch.zeros(4, 1), torch.zeros(2, 1), torch.zeros(2, 1), (1,))
+
+    with pytest.raises(ValueError, match="already registered"):
+        register("moons", kind="toy2d", load=load, help="again", recipe="realnvp")
+    with pytest.raises(ValueError, match="kind must be one of toy2d, image, table"):
+        register("odd", kind="graph", load=load, help="h", recipe="realnvp")
+    with pytest.raises(ValueError, match="grey levels"):
+        register("pics", kind="image", load=load, help="h", recipe="glow")
+    with pytest.raises(ValueError, match="one non-empty word"):
+        register("two words", kind="table", load=load, help="h", recipe="nsf")
+    models = {"nsf": {"hidden": [4]}}
+    entry = register("tiny-table", kind="table", load=load, help="a tiny table", recipe="nsf", models=models)
+    try:
+        models["nsf"]["hidden"].append(5)  # the entry keeps its own copy
+        assert lookup("tiny-table") is entry and entry.models["nsf"]["hidden"] == [4]
+        assert "tiny-table" in names("table") and "tiny-table" not in names("toy2d")
+        from pushforward.config import resolve_config
+
+        config = resolve_config({}, {"data": "tiny-table", "model": {"layers": 1}})
+        assert config.recipe == "nsf" and config.model == {"hidden": [4], "layers": 1}
+        config.model["hidden"].append(6)  # nor does a config share the registry's lists
+        assert entry.models["nsf"]["hidden"] == [4]
+    finally:
+        unregister("tiny-table")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        lookup("tiny-table")
+    broken = register("broken", kind="table", load=load, help="h", recipe="nsf", settings={"batch_sise": 4})
+    try:
+        from pushforward.config import resolve_config
+
+        with pytest.raises(ValueError, match="registered defaults of data set 'broken'.*'batch_sise'"):
+            resolve_config({}, {"data": "broken"})
+    finally:
+        assert unregister("broken") is broken
+
+
+def test_idx_directory_splits(tmp_path: Path) -> None:
+    from pushforward.config import resolve_config
+    from pushforward.experiment import load_dataset
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 20), ("t10k", 6)):
+        images = rng.integers(0, 256, size=(n, 4, 4), dtype=np.uint8)
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", images)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    config = resolve_config({}, {"data": str(tmp_path), "val_fraction": 0.25, "seed": 3})
+    assert config.recipe == "glow" and config.model["hidden_channels"] == 64
+    ds = load_dataset(config)
+    assert (ds.name, ds.kind, ds.levels, ds.event_shape) == (tmp_path.name, "image", 256, (1, 4, 4))
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (15, 5, 6)
+    again = load_dataset(config)
+    assert torch.equal(again.val.images, ds.val.images)  # seeded
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        load_dataset(resolve_config({}, {"data": str(tmp_path / "..")}))

@@ -24,25 +24,33 @@ and the two training runs in ``flow/`` and ``vae/`` (usable with ``pushforward e
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["add_parser", "compare", "count_parameters", "match_vae_width", "sampling_speed"]
+from .checkpoint import checkpoint_dir
+from .config import TrainConfig, dataset_entry, merge, parse_overrides, resolve_config
+from .data import Dataset, dequantize
+from .experiment import build_flow, load_dataset, open_run, quantize
+from .io import atomic_write
+from .metrics import bits_per_dim, mean_and_stderr
+from .models import build
+from .plot import data_bounds, density_grid, image_grid
+from .runs import calibrate_steps, say, train_run
+from .train import seed_from
+from .vae import VAE
 
+__all__ = ["DEFAULT_KS", "compare", "count_parameters", "match_vae_width", "sampling_speed", "score"]
+
+#: The IWAE sample counts ``k`` scored by default.
 DEFAULT_KS = (1, 10, 100, 1000)
-
-
-def _print(*args) -> None:
-    print(*args, flush=True)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -51,8 +59,6 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def _vae_parameters(kwargs: dict) -> int:
-    from .models import build
-
     with torch.device("meta"):  # counts without allocating
         return count_parameters(build({"recipe": "vae", "kwargs": kwargs}))
 
@@ -66,8 +72,6 @@ def match_vae_width(target: int, event_shape: Sequence[int], model: dict | None 
     would exceed ``target``, the linear ``bottleneck`` is halved first (down to 1 channel), so the
     convolutions keep a useful width. Returns ``(kwargs, parameters)``.
     """
-    from .vae import vae as vae_recipe  # noqa: F401  (registers the recipe)
-
     kwargs = {**(model or {}), "event_shape": list(event_shape)}
     conv = len(event_shape) == 3 and kwargs.get("arch", "auto") in ("auto", "conv")
     depth = len(kwargs.get("hidden", (256, 256)))
@@ -110,16 +114,13 @@ def sampling_speed(model, n: int, repeats: int = 3) -> float:
 
 
 def _mean_se(values: Tensor) -> tuple[float, float]:
-    from .metrics import mean_and_stderr
-
-    return tuple(float(v) for v in mean_and_stderr(values))
+    mean, se = mean_and_stderr(values)
+    return float(mean), float(se)
 
 
 # -- training ---------------------------------------------------------------------------------------
-def _config(data: str, run_dir: Path, seed: int, sets: list[str], extra: dict):
-    from .config import _merge, parse_overrides, resolve_config
-
-    values = _merge(parse_overrides(sets), {"data": data, "run_dir": str(run_dir), "seed": seed, **extra})
+def _config(data: str, run_dir: Path, seed: int, sets: list[str], extra: dict) -> TrainConfig:
+    values = merge(parse_overrides(sets), {"data": data, "run_dir": str(run_dir), "seed": seed, **extra})
     return resolve_config({}, values)
 
 
@@ -131,12 +132,10 @@ def _metrics_summary(run_dir: Path) -> dict:
     return {"steps": rows[-1]["step"], "train_seconds": rows[-1].get("elapsed_s")} if rows else {}
 
 
-def _train(config, what: str, overwrite: bool) -> dict:
-    from .checkpoint import checkpoint_dir
-    from .cli import train_run
-
+def _train(config: TrainConfig, what: str, overwrite: bool) -> dict:
     run_dir = Path(config.run_dir)
-    if not overwrite and ((checkpoint_dir(run_dir) / "state.json").exists() or (run_dir / "best.safetensors").exists()):
+    trained = (checkpoint_dir(run_dir) / "state.json").exists() or (run_dir / "best.safetensors").exists()
+    if trained and not overwrite:
         raise FileExistsError(
             f"{run_dir} already holds a {what} run; pass --overwrite to retrain it, or reuse it with "
             f"--{what} {run_dir}"
@@ -147,9 +146,7 @@ def _train(config, what: str, overwrite: bool) -> dict:
     return {"steps": history.step, "train_seconds": round(seconds, 2), "stop_reason": history.stop_reason}
 
 
-def _open(path: str | Path, what: str) -> tuple[Any, Any, dict]:
-    from .experiment import open_run
-
+def _open(path: str | Path, what: str) -> tuple[Any, TrainConfig, dict]:
     run = open_run(path)
     is_vae = (run.flow.recipe or {}).get("recipe") == "vae"
     if is_vae != (what == "vae"):
@@ -158,11 +155,9 @@ def _open(path: str | Path, what: str) -> tuple[Any, Any, dict]:
 
 
 # -- evaluation -------------------------------------------------------------------------------------
-def _test_points(dataset, config, n: int) -> Tensor:
-    """The first ``n`` test examples; images dequantized with the noise :func:`pushforward.train.evaluate` uses."""
-    from .data import dequantize
-    from .train import seed_from
-
+def _test_points(dataset: Dataset, config: TrainConfig, n: int) -> Tensor:
+    """The first ``n`` test examples; images dequantized with the noise that
+    :func:`pushforward.train.evaluate` uses."""
     if dataset.is_image:
         g = torch.Generator().manual_seed(seed_from(config.seed, 2))
         y = dequantize(dataset.test.images, dataset.levels, generator=g)
@@ -171,11 +166,9 @@ def _test_points(dataset, config, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def score(flow, vae, x: Tensor, ks: Sequence[int] = DEFAULT_KS, seed: int = 0, batch_size: int = 256,
-          elbo_samples: int = 10, log=_print) -> dict[str, Tensor]:
-    """Per-example scores in nats on ``x``: ``flow_nll``, ``neg_elbo``, ``recon``, ``kl``, ``neg_iwae_<k>``."""
-    from .train import seed_from
-
+def score(flow, vae: VAE, x: Tensor, ks: Sequence[int] = DEFAULT_KS, seed: int = 0, batch_size: int = 256,
+          elbo_samples: int = 10, log: Callable[..., None] = say) -> dict[str, Tensor]:
+    """Per-example nats on ``x``: ``flow_nll``, ``neg_elbo``, ``recon``, ``kl``, ``neg_iwae_<k>``."""
     flow.eval()
     vae.eval()
     out: dict[str, list[Tensor]] = {}
@@ -205,8 +198,6 @@ def score(flow, vae, x: Tensor, ks: Sequence[int] = DEFAULT_KS, seed: int = 0, b
 
 def _summary(scores: dict[str, Tensor], ks: Sequence[int], dims: int, levels: int | None,
              true_nll: Tensor | None) -> dict:
-    from .metrics import bits_per_dim
-
     def entry(values: Tensor) -> dict:
         mean, se = _mean_se(values)
         e = {"nats": mean, "nats_stderr": se}
@@ -243,22 +234,19 @@ def _figure(width: float, height: float):
 
 
 @torch.no_grad()
-def _samples_figure(path: Path, flow, vae, dataset, x: Tensor, seed: int, title: str) -> Path:
-    from .experiment import quantize
-    from .plot import data_bounds, density_grid, image_grid
-
+def _samples_figure(path: Path, flow, vae: VAE, dataset: Dataset, x: Tensor, seed: int, title: str,
+                    true_log_prob: Callable[[Tensor], Tensor] | None = None) -> Path:
     torch.manual_seed(seed)
     if dataset.is_image:
         n = 64
-        panels = [("flow samples", quantize(flow.sample(n), dataset.levels)),
-                  ("VAE samples  x ~ p(x | z)", quantize(vae.sample(n), dataset.levels)),
-                  ("VAE decoder medians (no pixel noise)", quantize(vae.sample(n, decoder_noise=False), dataset.levels)),
-                  ("test images", quantize(x[:n], dataset.levels))]
+        panels = [("flow samples", flow.sample(n)), ("VAE samples  x ~ p(x | z)", vae.sample(n)),
+                  ("VAE decoder medians (no pixel noise)", vae.sample(n, decoder_noise=False)),
+                  ("test images", x[:n])]
         fig = _figure(4 * len(panels), 4.4)
         for ax, (name, images) in zip(fig.subplots(1, len(panels)), panels):
-            grid = image_grid(images, nrow=8)
-            ax.imshow(grid[..., 0].numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
+            grid = image_grid(quantize(images, dataset.levels), nrow=8)
+            ax.imshow(grid[..., 0].numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray", vmin=0,
+                      vmax=1, interpolation="nearest")
             ax.set_title(name, fontsize=10)
             ax.set_axis_off()
         fig.suptitle(title)
@@ -275,43 +263,23 @@ def _samples_figure(path: Path, flow, vae, dataset, x: Tensor, seed: int, title:
     fig = _figure(4 * len(scatters), (2 * height if two_d else height) + 0.4)
     axes = fig.subplots(2 if two_d else 1, len(scatters), squeeze=False)
     for ax, (name, pts) in zip(axes[0], scatters):
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, linewidths=0, color="C0" if name == "test data" else "C1")
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, linewidths=0,
+                   color="C0" if name == "test data" else "C1")
         ax.set_title(name, fontsize=10)
     if two_d:
-        from .data.toy import TOY_DENSITIES, toy_log_prob
-
         res = 100
-        _, _, flow_lp = density_grid(flow, bounds, resolution=res)
-
-        class _IWAE100:  # exp(IWAE_100) as a density estimate on the grid
-            def __init__(self, m):
-                self.m = m
-
-            @property
-            def dtype(self):
-                return self.m.dtype
-
-            def parameters(self):
-                return self.m.parameters()
-
-            def eval(self):
-                return self
-
-            def log_prob(self, pts):
-                return self.m.iwae(pts, 100)
-
+        flow_lp = density_grid(flow.log_prob, bounds, resolution=res, dtype=flow.dtype)[2]
         torch.manual_seed(seed)
-        _, _, vae_lp = density_grid(_IWAE100(vae), bounds, resolution=res, batch_size=2048)
+        vae_lp = density_grid(partial(vae.iwae, k=100), bounds, resolution=res, batch_size=2048,
+                              dtype=vae.dtype)[2]
         maps = [("flow density (exact)", flow_lp), ("VAE density, exp(IWAE k=100)", vae_lp)]
-        if dataset.name in TOY_DENSITIES and dataset.name != "pinwheel":
-            xs = torch.linspace(bounds[0], bounds[1], res, dtype=torch.float64)
-            ys = torch.linspace(bounds[2], bounds[3], res, dtype=torch.float64)
-            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-            true = toy_log_prob(dataset.name, torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)).reshape(res, res)
-            maps.insert(0, ("true density", true))
+        if true_log_prob is not None:
+            maps.insert(0, ("true density", density_grid(true_log_prob, bounds, resolution=res,
+                                                          dtype=torch.float64)[2]))
         vmax = float(max(m.exp().max() for _, m in maps))
         for ax, (name, lp) in zip(axes[1], maps):
-            ax.imshow(lp.exp().numpy(), origin="lower", extent=bounds, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+            ax.imshow(lp.exp().numpy(), origin="lower", extent=bounds, aspect="auto", cmap="viridis", vmin=0,
+                      vmax=vmax)
             ax.set_title(name, fontsize=10)
         for ax in axes[1][len(maps):]:
             ax.set_axis_off()
@@ -344,8 +312,8 @@ def _bound_figure(path: Path, summary: dict, ks: Sequence[int], unit: str, title
     ax1.grid(alpha=0.3)
     ax1.set_title("the bound tightens with k")
     gains = [summary["paired"][f"iwae_{k} - elbo"] for k in ks]
-    ax2.errorbar(ks, [g[key] for g in gains], yerr=[g[se_key] for g in gains], fmt="o-", color="C1", capsize=3,
-                 label="IWAE_k - ELBO (paired over the examples)")
+    ax2.errorbar(ks, [g[key] for g in gains], yerr=[g[se_key] for g in gains], fmt="o-", color="C1",
+                 capsize=3, label="IWAE_k - ELBO (paired over the examples)")
     ax2.axhline(0, color="C1", linestyle="--", label="ELBO")
     ax2.set_xscale("log")
     ax2.set_xlabel("importance samples k")
@@ -376,8 +344,8 @@ def _report(result: dict) -> str:
     lines.append("")
     lines.append(
         f"Test examples scored: the first {result['n_eval']} of the test split ({result['split']}); "
-        + ("images dequantized once with the seeded noise `pushforward eval` uses, the same `y` for both models. "
-           if result["levels"] else "")
+        + ("images dequantized once with the seeded noise `pushforward eval` uses, the same `y` for both "
+           "models. " if result["levels"] else "")
         + f"Matched: {result['match_description']}."
     )
     lines.append("")
@@ -397,7 +365,8 @@ def _report(result: dict) -> str:
         lines.append(f"| -ELBO ({name}) | - | {_fmt(s['neg_elbo'], unit)} |")
         for k in ks:
             lines.append(f"| -IWAE k={k} ({name}) | - | {_fmt(s[f'neg_iwae_{k}'], unit)} |")
-    lines.append(f"| ELBO terms (nats): reconstruction, KL | - | {s['recon']['nats']:.3f}, {s['kl']['nats']:.3f} |")
+    terms = f"{s['recon']['nats']:.3f}, {s['kl']['nats']:.3f}"
+    lines.append(f"| ELBO terms (nats): reconstruction, KL | - | {terms} |")
     if "true_nll" in s:
         lines.append(f"| true density's NLL on the same points (nats) | {_fmt(s['true_nll'], 'nats')} | |")
     lines += ["", "Gaps (paired over the same examples; mean ± standard error):", "",
@@ -430,14 +399,11 @@ def _report(result: dict) -> str:
 
 
 def compare(data: str, out: str | Path | None = None, match: str = "params", minutes: float = 0.0,
-            max_steps: int = 0, flow_run: str | None = None, vae_run: str | None = None, flow_recipe: str = "",
-            ks: Sequence[int] = DEFAULT_KS, eval_n: int = 500, seed: int = 0, sets: Sequence[str] = (),
-            flow_sets: Sequence[str] = (), vae_sets: Sequence[str] = (), overwrite: bool = False,
-            progress: bool = True, command: str = "") -> dict:
+            max_steps: int = 0, flow_run: str | None = None, vae_run: str | None = None,
+            flow_recipe: str = "", ks: Sequence[int] = DEFAULT_KS, eval_n: int = 500, seed: int = 0,
+            sets: Sequence[str] = (), flow_sets: Sequence[str] = (), vae_sets: Sequence[str] = (),
+            overwrite: bool = False, progress: bool = True, command: str = "") -> dict:
     """Runs the comparison; returns the result written to ``compare.json`` (see the module docstring)."""
-    from .experiment import build_flow, load_dataset
-    from .io import atomic_write
-
     if match not in ("params", "time"):
         raise ValueError(f"--match must be 'params' or 'time', got {match!r}")
     ks = sorted({int(k) for k in ks})
@@ -446,7 +412,8 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
     out = Path(out) if out else Path("runs") / "compare" / Path(data).stem
     out.mkdir(parents=True, exist_ok=True)
     extra = {} if progress else {"progress": False}
-    fcfg = _config(data, out / "flow", seed, [*sets, *flow_sets], {**extra, **({"recipe": flow_recipe} if flow_recipe else {})})
+    fcfg = _config(data, out / "flow", seed, [*sets, *flow_sets],
+                   {**extra, **({"recipe": flow_recipe} if flow_recipe else {})})
     vcfg = _config(data, out / "vae", seed, [*sets, *vae_sets], {**extra, "recipe": "vae"})
     for cfg in (fcfg, vcfg):
         if getattr(cfg, "condition", ""):
@@ -465,14 +432,15 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
     if flow_run:
         dataset = load_dataset(fcfg)
     if fcfg.max_train != vcfg.max_train:
-        _print(f"note: max_train differs (flow {fcfg.max_train}, VAE {vcfg.max_train}); the test split is the same")
+        say(f"note: max_train differs (flow {fcfg.max_train}, VAE {vcfg.max_train}); "
+            "the test split is the same")
 
     # matching
     flow_params = count_parameters(flow) if flow is not None else count_parameters(build_flow(fcfg, dataset))
     if match == "params":
         if vae is None:
             vcfg.model, vae_params = match_vae_width(flow_params, dataset.event_shape, vcfg.model)
-            _print(f"VAE width matched to the flow's {flow_params:,} parameters: {vcfg.model} ({vae_params:,})")
+            say(f"VAE width matched to the flow's {flow_params:,} parameters: {vcfg.model} ({vae_params:,})")
         steps = max_steps
         if steps <= 0 and flow_stats and flow_stats.get("steps") and vae is None:
             steps = flow_stats["steps"]  # give the VAE the reused flow's budget
@@ -487,8 +455,6 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
         description = f"parameter counts; the same training budget ({steps or 'the default'} steps" + (
             f", at most {minutes:g} min each)" if minutes > 0 else ")")
     else:
-        from .cli import calibrate_steps
-
         minutes = minutes if minutes > 0 else 1.0
         for cfg, trained in ((fcfg, flow), (vcfg, vae)):
             if trained is None:
@@ -502,23 +468,20 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
 
     # training
     if flow is None:
-        _print(f"\n== training the flow ({fcfg.recipe}) -> {fcfg.run_dir}")
+        say(f"\n== training the flow ({fcfg.recipe}) -> {fcfg.run_dir}")
         flow_stats = _train(fcfg, "flow", overwrite)
         flow = _open(fcfg.run_dir, "flow")[0]
     if vae is None:
-        _print(f"\n== training the VAE -> {vcfg.run_dir}")
+        say(f"\n== training the VAE -> {vcfg.run_dir}")
         vae_stats = _train(vcfg, "vae", overwrite)
         vae = _open(vcfg.run_dir, "vae")[0]
 
     # scoring
     x = _test_points(dataset, fcfg, eval_n)
-    _print(f"\n== scoring {len(x)} test examples (IWAE k = {', '.join(map(str, ks))})")
+    say(f"\n== scoring {len(x)} test examples (IWAE k = {', '.join(map(str, ks))})")
     scores = score(flow, vae, x.to(flow.dtype), ks, seed=fcfg.seed)
-    true_nll = None
-    if dataset.kind == "toy" and dataset.name != "pinwheel":
-        from .data.toy import toy_log_prob
-
-        true_nll = -toy_log_prob(dataset.name, x).double()
+    true_log_prob = dataset_entry(fcfg).log_prob  # known for most toy densities
+    true_nll = None if true_log_prob is None else -true_log_prob(x).double()
     levels = dataset.levels
     summary = _summary(scores, ks, math.prod(dataset.event_shape), levels, true_nll)
     summary["paired"] = {}  # per k, paired over the examples
@@ -531,72 +494,30 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
                                        "bpd_stderr": se / (dims * math.log(2))}
     n_speed = 256 if dataset.is_image else 2000
     flow_info = {"recipe": flow.recipe["recipe"], "config": flow.recipe, "parameters": count_parameters(flow),
-                 "samples_per_s": sampling_speed(flow, n_speed), "run_dir": str(Path(fcfg.run_dir)), **(flow_stats or {})}
-    vae_info = {"arch": "conv" if hasattr(vae.encoder, "nets") else "mlp", "latent": vae.latent, "config": vae.recipe,
-                "parameters": count_parameters(vae), "samples_per_s": sampling_speed(vae, n_speed),
-                "run_dir": str(Path(vcfg.run_dir)), **(vae_stats or {})}
+                 "samples_per_s": sampling_speed(flow, n_speed), "run_dir": str(Path(fcfg.run_dir)),
+                 **(flow_stats or {})}
+    vae_info = {"arch": "conv" if hasattr(vae.encoder, "nets") else "mlp", "latent": vae.latent,
+                "config": vae.recipe, "parameters": count_parameters(vae),
+                "samples_per_s": sampling_speed(vae, n_speed), "run_dir": str(Path(vcfg.run_dir)),
+                **(vae_stats or {})}
     result = {
-        "data": dataset.name, "split": dataset.info.get("split", f"fresh samples seeded from seed {fcfg.seed}"), "n_eval": len(x),
+        "data": dataset.name, "n_eval": len(x),
+        "split": dataset.info.get("split", f"fresh samples seeded from seed {fcfg.seed}"),
         "dims": math.prod(dataset.event_shape), "levels": levels, "ks": ks, "match": match,
         "match_description": description, "command": command or f"pushforward compare --data {data}",
         "flow": flow_info, "vae": vae_info, "scores": summary,
     }
 
-    title = f"{dataset.name}: flow ({flow_info['recipe']}, {flow_info['parameters']:,} params) vs VAE ({vae_info['parameters']:,} params)"
-    _samples_figure(out / "samples.png", flow, vae, dataset, x, fcfg.seed, title)
+    title = (f"{dataset.name}: flow ({flow_info['recipe']}, {flow_info['parameters']:,} params) "
+             f"vs VAE ({vae_info['parameters']:,} params)")
+    _samples_figure(out / "samples.png", flow, vae, dataset, x, fcfg.seed, title, true_log_prob)
     _bound_figure(out / "bound.png", summary, ks, "bpd" if levels else "nats", title)
-    result["files"] = {name: str(out / name) for name in ("report.md", "compare.json", "samples.png", "bound.png")}
+    files = ("report.md", "compare.json", "samples.png", "bound.png")
+    result["files"] = {name: str(out / name) for name in files}
     text = json.dumps(result, indent=1)
     atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
     report = _report(result)
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(report))
-    _print("\n" + report)
-    _print(f"wrote {out / 'report.md'}, {out / 'compare.json'}, {out / 'samples.png'}, {out / 'bound.png'}")
+    say("\n" + report)
+    say(f"wrote {out / 'report.md'}, {out / 'compare.json'}, {out / 'samples.png'}, {out / 'bound.png'}")
     return result
-
-
-def cmd_compare(args) -> int:
-    ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
-    command = ["pushforward", "compare", "--data", args.data]
-    for flag, value in (("--run-dir", args.run_dir), ("--match", args.match), ("--minutes", args.minutes),
-                        ("--max-steps", args.max_steps), ("--flow", args.flow), ("--vae", args.vae),
-                        ("--flow-recipe", args.flow_recipe), ("--ks", args.ks), ("--eval-n", args.eval_n),
-                        ("--seed", args.seed)):
-        if value is not None:
-            command += [flag, str(value)]
-    for flag, values in (("--set", args.set), ("--flow-set", args.flow_set), ("--vae-set", args.vae_set)):
-        for value in values or []:
-            command += [flag, value]
-    command += ["--overwrite"] * args.overwrite + ["--no-progress"] * args.no_progress
-    command = shlex.join(command)
-    compare(args.data, args.run_dir, args.match, args.minutes or 0.0, args.max_steps or 0, args.flow, args.vae,
-            args.flow_recipe or "", ks, args.eval_n, args.seed, args.set or [], args.flow_set or [], args.vae_set or [],
-            args.overwrite, not args.no_progress, command)
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``compare`` subcommand to the ``pushforward`` parser."""
-    c = sub.add_parser("compare", help="flow vs VAE on the same data: exact NLL vs ELBO/IWAE, time, samples",
-                       description=__doc__.split("\n\n")[0])
-    c.add_argument("--data", required=True, help="moons|checkerboard|...|digits|fashion-mnist|path/to/table.csv")
-    c.add_argument("--run-dir", dest="run_dir", help="output directory (default runs/compare/<data>)")
-    c.add_argument("--match", choices=("params", "time"), default="params",
-                   help="params: VAE width matched to the flow's parameter count, same steps (default); "
-                        "time: default sizes, --minutes of training each")
-    c.add_argument("--minutes", type=float, help="time mode: minutes per model (default 1); params mode: a cap per model")
-    c.add_argument("--max-steps", dest="max_steps", type=int, help="params mode: steps for both (default: the data's epochs)")
-    c.add_argument("--flow", help="reuse a trained flow run instead of training one")
-    c.add_argument("--vae", help="reuse a trained VAE run (pushforward train --recipe vae) instead of training one")
-    c.add_argument("--flow-recipe", dest="flow_recipe", help="flow recipe (default: the data set's)")
-    c.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="IWAE sample counts (default 1,10,100,1000)")
-    c.add_argument("--eval-n", dest="eval_n", type=int, default=500,
-                   help="test examples scored (default 500; 0: all). IWAE costs k decoder passes per example")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for both models (repeatable)")
-    c.add_argument("--flow-set", dest="flow_set", action="append", metavar="KEY=VALUE", help="override for the flow")
-    c.add_argument("--vae-set", dest="vae_set", action="append", metavar="KEY=VALUE", help="override for the VAE")
-    c.add_argument("--overwrite", action="store_true", help="retrain runs already in the run directory")
-    c.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
-    c.set_defaults(fn=cmd_compare)
-    return c

@@ -1,7 +1,8 @@
 """Training configuration: one dataclass, per-dataset defaults, TOML files and ``--set`` overrides.
 
-Precedence, lowest first: the dataclass defaults, the defaults of the chosen dataset
-(:data:`DATASET_DEFAULTS`), the TOML file, then command-line overrides. A key that is not a field
+Precedence, lowest first: the dataclass defaults, the defaults of the chosen dataset (its entry in
+:mod:`pushforward.data.registry`: settings, recipe, recipe arguments), the TOML file, then
+command-line overrides. A key that is not a field
 of :class:`TrainConfig` (a typo) is an error that lists the valid keys.
 
 A TOML file looks like::
@@ -18,12 +19,15 @@ A TOML file looks like::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .data.registry import DatasetEntry, entries, lookup
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,18 +38,17 @@ else:  # pragma: no cover - Python 3.10
         tomllib = None
 
 __all__ = [
-    "DATASET_DEFAULTS",
     "TrainConfig",
     "config_from_dict",
     "context_classes",
-    "dataset_kind",
+    "dataset_entry",
     "load_toml",
+    "merge",
     "model_kwargs",
     "parse_overrides",
     "resolve_config",
 ]
 
-IMAGE_DATASETS = ("digits", "fashion-mnist")
 CONDITIONS = ("", "label")
 DEQUANTIZATIONS = ("uniform", "variational")
 
@@ -55,8 +58,9 @@ class TrainConfig:
     """Everything a training run needs; ``0`` (or ``""``) means "not set" for the optional limits.
 
     Attributes:
-        data: a toy density name (``moons``, ``8gaussians``, ...), ``digits``, ``fashion-mnist`` or a
-            path to a CSV table.
+        data: a registered data set (:func:`pushforward.data.names`: ``moons``, ``8gaussians``, ...,
+            ``digits``, ``fashion-mnist``), a path to a table (CSV, ``.npy``, ``.npz``) or a directory
+            of IDX images.
         recipe: a recipe of :mod:`pushforward.models` (``""``: the dataset's default).
         model: keyword arguments of the recipe; ``features`` / ``shape`` are filled in from the data.
         batch_size: training batch size; under ``torchrun`` the **global** batch, split evenly over
@@ -135,7 +139,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.condition not in CONDITIONS:
-            raise ValueError(f"condition must be one of {CONDITIONS} ('' = unconditional), got {self.condition!r}")
+            raise ValueError(f"condition must be one of {CONDITIONS} ('' = unconditional), "
+                             f"got {self.condition!r}")
         if self.dequantization not in DEQUANTIZATIONS:
             raise ValueError(f"dequantization must be one of {DEQUANTIZATIONS}, got {self.dequantization!r}")
 
@@ -145,70 +150,6 @@ class TrainConfig:
     @property
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / Path(self.data).stem
-
-
-#: Defaults per kind of dataset: training settings, the default recipe, and per-recipe model kwargs.
-#: Sized to train well on 2 CPU cores in minutes. The small models run faster on one thread than
-#: on two (the matrices are too small to split), so they set ``threads = 1``.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "toy": {  # 20000 points, 39 steps per epoch: ~1200 steps, about a minute
-        "train": {"batch_size": 512, "lr": 2e-3, "epochs": 30, "warmup_steps": 100, "patience": 10, "threads": 1},
-        "recipe": "realnvp",
-        "models": {
-            "realnvp": {"layers": 8, "hidden": [128, 128]},
-            "nice": {"layers": 8, "hidden": [128, 128]},
-        },
-    },
-    "digits": {  # 1437 images, 22 steps per epoch: ~1300 steps, 2-3 minutes
-        # realnvp_image reached 2.02 test bits/dim where this glow reached 2.09 in the same 1200 steps.
-        "train": {"batch_size": 64, "lr": 1e-3, "epochs": 60, "warmup_steps": 200, "patience": 20, "threads": 1},
-        "recipe": "realnvp_image",
-        "classes": 10,
-        "dequantizer": {"layers": 4, "hidden_channels": 16},
-        "models": {
-            "glow": {"levels": 2, "steps": 4, "hidden_channels": 48},
-            "realnvp_image": {"levels": 2, "hidden_channels": 32, "blocks": 1},
-        },
-    },
-    "fashion-mnist": {  # 55000 images, ~3 minutes per epoch on 2 cores
-        "train": {"batch_size": 64, "lr": 1e-3, "epochs": 5, "warmup_steps": 500, "patience": 3,
-                  "eval_batch_size": 500},
-        "recipe": "glow",
-        "classes": 10,
-        "dequantizer": {"layers": 4, "hidden_channels": 32},
-        "models": {
-            "glow": {"levels": 2, "steps": 4, "hidden_channels": 64},
-            # RealNVP's checkerboard couplings run at full resolution: at hidden 64 x 2 blocks (1.5M
-            # parameters) a step cost 18x a glow step on one core (4.6 s), too slow to train in minutes.
-            "realnvp_image": {"levels": 2, "hidden_channels": 32, "blocks": 1},
-        },
-    },
-    "table": {  # density estimation on tables: the neural spline flow, as in the NSF paper's tabular tasks
-        "train": {"batch_size": 256, "lr": 1e-3, "epochs": 50, "warmup_steps": 200, "patience": 10},
-        "recipe": "nsf",
-        "models": {
-            "nsf": {"layers": 5, "hidden": [128, 128], "bins": 8},
-            "realnvp": {"layers": 8, "hidden": [128, 128]},
-            "nice": {"layers": 8, "hidden": [128, 128]},
-        },
-    },
-}
-
-
-def dataset_kind(data: str) -> str:
-    """``"toy"``, ``"digits"``, ``"fashion-mnist"`` or ``"table"`` (a path to a CSV file)."""
-    if data in IMAGE_DATASETS:
-        return data
-    from .data.toy import TOY_DENSITIES
-
-    if data in TOY_DENSITIES:
-        return "toy"
-    if data.lower().endswith((".csv", ".tsv", ".txt", ".npy", ".npz")) or Path(data).exists():
-        return "table"
-    raise ValueError(
-        f"unknown dataset {data!r}: use a toy density ({', '.join(TOY_DENSITIES)}), "
-        f"{', '.join(IMAGE_DATASETS)}, or a path to a table (.csv, .npy, .npz)"
-    )
 
 
 def _field_names() -> list[str]:
@@ -291,39 +232,48 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "." in key:
             head, sub = key.split(".", 1)
             if head not in ("model", "dequantizer"):
-                raise ValueError(f"only model.<kwarg> and dequantizer.<kwarg> may be dotted in --set, got {key!r}")
+                raise ValueError(f"only model.<kwarg> and dequantizer.<kwarg> may be dotted in --set, "
+                                 f"got {key!r}")
             out.setdefault(head, {})[sub] = value
         else:
             out[key] = value
     return out
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``, nested dicts (``model``, ``dequantizer``) merged key by key."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
+def dataset_entry(config: TrainConfig) -> DatasetEntry:
+    """The registry entry of ``config.data`` (:func:`pushforward.data.lookup`)."""
+    return lookup(str(config.data))
+
+
 def resolve_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Applies, in order: dataclass defaults, dataset defaults, the TOML values, the overrides."""
-    user = _merge(file_values or {}, overrides or {})
+    """Applies, in order: dataclass defaults, the data set's defaults, the TOML values, the overrides."""
+    user = merge(file_values or {}, overrides or {})
     config_from_dict(user)  # reports typos before anything else
-    data = user.get("data", TrainConfig.data)
-    defaults = DATASET_DEFAULTS[dataset_kind(str(data))]
-    recipe = user.get("recipe") or defaults["recipe"]
-    values = _merge(defaults["train"], {"recipe": recipe, "model": dict(defaults["models"].get(recipe, {}))})
-    if "dequantizer" in defaults:
-        values["dequantizer"] = dict(defaults["dequantizer"])
-    if user.get("recipe") and user["recipe"] != defaults["recipe"] and recipe not in defaults["models"]:
-        values["model"] = {}
-    return config_from_dict(_merge(values, user))
+    entry = lookup(str(user.get("data", TrainConfig.data)))
+    recipe = user.get("recipe") or entry.recipe
+    defaults = copy.deepcopy({**entry.settings, "recipe": recipe, "model": entry.models.get(recipe, {})})
+    if entry.dequantizer:
+        defaults["dequantizer"] = copy.deepcopy(dict(entry.dequantizer))
+    try:
+        config_from_dict(defaults)
+    except ValueError as e:
+        raise ValueError(f"the registered defaults of data set {entry.name!r} are not valid: {e}") from None
+    return config_from_dict(merge(defaults, user))
 
 
 def context_classes(config: TrainConfig) -> int:
     """Number of classes whose one-hot label is the context (``0``: an unconditional model).
 
-    ``config.model["context_features"]`` when given, else the data set's number of classes.
+    ``config.model["context_features"]`` when given, else the data set's number of classes
+    (its registry entry's ``classes``).
 
     Raises:
         ValueError: ``condition = "label"`` for data without labels (toy densities, tables).
@@ -332,12 +282,11 @@ def context_classes(config: TrainConfig) -> int:
         return 0
     if "context_features" in config.model:
         return int(config.model["context_features"])
-    kind = dataset_kind(config.data)
-    classes = DATASET_DEFAULTS[kind].get("classes")
+    classes = dataset_entry(config).classes
     if not classes:
-        raise ValueError(
-            f"condition = 'label' needs labelled data ({', '.join(IMAGE_DATASETS)}); {config.data!r} has no labels"
-        )
+        labelled = ", ".join(e.metavar or e.name for e in entries() if e.classes)
+        raise ValueError(f"condition = 'label' needs labelled data ({labelled}); "
+                         f"{config.data!r} has no labels")
     return int(classes)
 
 
@@ -363,11 +312,13 @@ def model_kwargs(config: TrainConfig, event_shape: tuple[int, ...]) -> dict[str,
         )
     if "features" in params:
         if len(event_shape) != 1:
-            raise ValueError(f"recipe {config.recipe!r} models vectors, but the data has event shape {event_shape}")
+            raise ValueError(f"recipe {config.recipe!r} models vectors, "
+                             f"but the data has event shape {event_shape}")
         kwargs["features"] = event_shape[0]
     elif "shape" in params:
         if len(event_shape) != 3:
-            raise ValueError(f"recipe {config.recipe!r} models images, but the data has event shape {event_shape}")
+            raise ValueError(f"recipe {config.recipe!r} models images, "
+                             f"but the data has event shape {event_shape}")
         kwargs["shape"] = list(event_shape)
     elif "event_shape" in params:  # recipes for any data, e.g. pushforward.vae.vae
         kwargs["event_shape"] = list(event_shape)

@@ -1,14 +1,14 @@
 """The glue between a :class:`~pushforward.config.TrainConfig`, the data sets and a run directory.
 
-:func:`load_dataset` turns ``config.data`` into train / validation / test splits (deterministic
-in ``config.seed``); :func:`build_flow` builds the configured recipe for that data; :func:`open_run`
-reopens a finished (or interrupted) run for evaluation and sampling.
+:func:`load_dataset` turns ``config.data`` into train / validation / test splits through the data
+set registry (deterministic in ``config.seed``); :func:`build_flow` builds the configured recipe for
+that data; :func:`open_run` reopens a finished (or interrupted) run for evaluation and sampling.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +16,11 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CHECKPOINT, JSON_FILE, MODEL_FILE, read_state
-from .config import TrainConfig, config_from_dict, dataset_kind, model_kwargs
+from .config import TrainConfig, config_from_dict, dataset_entry, model_kwargs
 from .core import Flow
-from .train import seed_from
+from .data.registry import Dataset
 
 __all__ = ["Dataset", "Run", "build_flow", "load_dataset", "open_run"]
-
-
-@dataclass
-class Dataset:
-    """Three splits of one data set. Images are ``ImageData`` (integers), everything else float tensors.
-
-    ``info`` records how the data were prepared, e.g. the training mean and standard deviation
-    used to standardise a table (the reported NLL is in that standardised space).
-    """
-
-    name: str
-    kind: str
-    train: Any
-    val: Any
-    test: Any
-    event_shape: tuple[int, ...]
-    levels: int | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_image(self) -> bool:
-        return self.levels is not None
 
 
 def _subset(data: Any, index: Tensor) -> Any:
@@ -50,35 +28,13 @@ def _subset(data: Any, index: Tensor) -> Any:
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
-    """Loads ``config.data`` and splits it; ``config.max_train`` caps the training set.
+    """Loads ``config.data`` through its registry entry; ``config.max_train`` caps the training set.
 
-    Toy densities: fresh seeded samples per split. Digits: the fixed 1437/180/180 split of
-    :func:`pushforward.data.load_digits`. Fashion-MNIST: 5000 random training images (seeded)
-    for validation, the official test set. Tables: a seeded split, standardised with the
-    training statistics (the NLL is in that space).
+    Each entry's loader says how it splits (see :mod:`pushforward.data.builtin`): toy densities draw
+    fresh seeded samples per split, digits use a fixed split, tables a seeded split standardised with
+    the training statistics.
     """
-    from . import data as D
-
-    kind = dataset_kind(config.data)
-    if kind == "toy":
-        train, val, test = (D.toy_sample(config.data, n, seed=seed_from(config.seed, 10 + i))
-                            for i, n in enumerate((config.n_train, config.n_val, config.n_test)))
-        ds = Dataset(config.data, kind, train, val, test, (2,), info={"density": config.data})
-    elif kind == "digits":
-        train, val, test = (D.load_digits(s) for s in ("train", "val", "test"))
-        ds = Dataset(kind, "image", train, val, test, tuple(train.images.shape[1:]), train.levels,
-                     info={"split": "fixed 1437/180/180 split of pushforward.data.load_digits"})
-    elif kind == "fashion-mnist":
-        train, val = D.split_off(D.load_fashion_mnist("train"), 5000, seed=config.seed)
-        test = D.load_fashion_mnist("test")
-        ds = Dataset(kind, "image", train, val, test, tuple(train.images.shape[1:]), train.levels,
-                     info={"split": "5000 random training images for validation; the official test set"})
-    else:
-        fractions = (1 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)
-        table = D.load_table(config.data, split=fractions, seed=config.seed)
-        info = {"standardised": True, "mean": table.mean.tolist(), "std": table.std.tolist(),
-                "note": "NLL is reported in the standardised space (training-set mean and std)"}
-        ds = Dataset(Path(config.data).stem, "table", table.train, table.val, table.test, (table.dim,), info=info)
+    ds = dataset_entry(config).load(config)
     if config.max_train > 0 and config.max_train < n_examples(ds.train):
         ds.train = _subset(ds.train, torch.arange(config.max_train))
     return ds
@@ -96,7 +52,8 @@ def build_flow(config: TrainConfig, dataset: Dataset) -> Flow:
     spec = {"recipe": config.recipe, "kwargs": model_kwargs(config, dataset.event_shape)}
     if config.dequantization == "variational":
         if not dataset.is_image:
-            raise ValueError(f"dequantization = 'variational' is for discrete images; {dataset.name} is not one")
+            raise ValueError(f"dequantization = 'variational' is for discrete images; {dataset.name} "
+                             "is not one")
         spec = {"recipe": "dequantized",
                 "kwargs": {"flow": spec, "quantization_levels": dataset.levels, **config.dequantizer}}
     return build(spec)
@@ -142,7 +99,8 @@ def open_run(path: str | Path, checkpoint: bool = False, map_location: str = "cp
             raise FileNotFoundError(f"{path} holds neither best.safetensors nor {CHECKPOINT}/{MODEL_FILE}")
     values = _find_config(weights.parent)
     if values is None:
-        raise FileNotFoundError(f"no config.json (or checkpoint state) next to {weights}; cannot tell its data")
+        raise FileNotFoundError(f"no config.json (or checkpoint state) next to {weights}; "
+                                "cannot tell its data")
     flow = load(weights, map_location=map_location)
     flow.eval()
     return Run(flow, config_from_dict(values), run_dir, weights)

@@ -1,5 +1,9 @@
 """Figures: density heat maps, sample scatter plots, image grids and training curves.
 
+A density enters as a callable ``log_prob(points) -> log densities`` (``(N, 2) -> (N,)``): a flow's
+``flow.log_prob``, a VAE's importance-weighted estimate ``partial(vae.iwae, k=100)``, or a known true
+density alike.
+
 Matplotlib is imported lazily and only through its object-oriented API with the Agg canvas, so
 importing this module is cheap and plotting never touches pyplot's global state or needs a display.
 """
@@ -8,13 +12,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["data_bounds", "density_grid", "image_grid", "plot_2d", "plot_curves", "save_image_grid"]
+#: A log density on 2-D points: ``(N, 2) -> (N,)``.
+LogDensity = Callable[[Tensor], Tensor]
+
+__all__ = ["LogDensity", "data_bounds", "density_grid", "image_grid", "plot_2d", "plot_curves",
+           "save_image_grid"]
 
 
 def _figure(width: float, height: float):
@@ -33,7 +41,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def data_bounds(x: Tensor, margin: float = 0.1) -> tuple[float, float, float, float]:
-    """A square-ish box ``(xmin, xmax, ymin, ymax)`` holding the 0.5%..99.5% quantiles of ``x`` plus a margin."""
+    """A box ``(xmin, xmax, ymin, ymax)`` holding the 0.5%..99.5% quantiles of ``x`` plus a margin."""
     x = x.detach().double().cpu()
     lo = torch.quantile(x, 0.005, dim=0)
     hi = torch.quantile(x, 0.995, dim=0)
@@ -43,38 +51,43 @@ def data_bounds(x: Tensor, margin: float = 0.1) -> tuple[float, float, float, fl
 
 
 @torch.no_grad()
-def density_grid(flow, bounds: Sequence[float], resolution: int = 200, batch_size: int = 8192):
-    """``log p`` of a 2-D flow on a ``resolution x resolution`` grid; returns ``(xs, ys, logp[y, x])``."""
+def density_grid(log_prob: LogDensity, bounds: Sequence[float], resolution: int = 200, batch_size: int = 8192,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    """``log_prob`` on a ``resolution x resolution`` grid over ``bounds = (xmin, xmax, ymin, ymax)``.
+
+    The grid points are made in ``dtype`` on ``device`` (those the model expects), in batches of
+    ``batch_size``; a model should be in evaluation mode. Returns ``(xs, ys, logp[y, x])``, ``logp``
+    on the CPU.
+    """
     x0, x1, y0, y1 = bounds
-    dtype = flow.dtype
-    device = next((p.device for p in flow.parameters()), torch.device("cpu"))
     xs = torch.linspace(x0, x1, resolution, dtype=dtype)
     ys = torch.linspace(y0, y1, resolution, dtype=dtype)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     points = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
-    flow.eval()
-    logp = torch.cat([flow.log_prob(points[i : i + batch_size].to(device)).cpu()
+    logp = torch.cat([log_prob(points[i : i + batch_size].to(device)).cpu()
                       for i in range(0, len(points), batch_size)])
     return xs, ys, logp.reshape(resolution, resolution)
 
 
-def plot_2d(path: str | os.PathLike, samples: Tensor, flow=None, data: Tensor | None = None,
-            bounds: Sequence[float] | None = None, title: str = "") -> Path:
-    """One PNG with panels: the data (if given), the flow's samples, and its density heat map (if ``flow``)."""
+def plot_2d(path: str | os.PathLike, samples: Tensor, log_prob: LogDensity | None = None,
+            data: Tensor | None = None, bounds: Sequence[float] | None = None, title: str = "",
+            dtype: torch.dtype = torch.float32) -> Path:
+    """One PNG with panels: the data (if given), the samples, and the density heat map of ``log_prob``
+    (if given; evaluated on points of ``dtype``, see :func:`density_grid`)."""
     samples = samples.detach().cpu()
     ref = data if data is not None else samples
     bounds = tuple(bounds) if bounds is not None else data_bounds(ref.detach().cpu())
     panels = [("data", data.detach().cpu())] if data is not None else []
     panels.append(("flow samples", samples))
-    ncol = len(panels) + (flow is not None)
+    ncol = len(panels) + (log_prob is not None)
     aspect = (bounds[3] - bounds[2]) / max(1e-12, bounds[1] - bounds[0])
-    fig = _figure(4 * ncol + (0.8 if flow is not None else 0), 4 * min(1.5, max(0.4, aspect)) + 0.9)
+    fig = _figure(4 * ncol + (0.8 if log_prob is not None else 0), 4 * min(1.5, max(0.4, aspect)) + 0.9)
     axes = fig.subplots(1, ncol, squeeze=False)[0]
     for ax, (name, pts) in zip(axes, panels):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, linewidths=0, color="C0" if name == "data" else "C1")
         ax.set_title(f"{name} (n={len(pts)})")
-    if flow is not None:
-        _, _, logp = density_grid(flow, bounds)
+    if log_prob is not None:
+        _, _, logp = density_grid(log_prob, bounds, dtype=dtype)
         ax = axes[-1]
         im = ax.imshow(logp.exp().numpy(), origin="lower", extent=bounds, aspect="auto", cmap="viridis")
         fig.colorbar(im, ax=ax, shrink=0.8, label="p(x)")

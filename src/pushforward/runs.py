@@ -1,0 +1,337 @@
+"""Runs: a run directory per training run, and what the command line does with one.
+
+:func:`train_run` loads the data, builds the flow and trains it into ``config.run_dir``;
+:func:`eval_run`, :func:`sample_run` and :func:`plot_run` reopen a run and write ``eval.json``, pictures
+or curves into it; :func:`demo` chains them. :mod:`pushforward.cli` is a thin argparse layer over these
+functions and :mod:`pushforward.compare` builds on them; nothing here parses arguments.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` / ``metrics.csv``, ``best.safetensors``, the
+resumable ``checkpoint/`` and what the commands add (``eval.json``, ``samples.png``, ``curves.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import plot
+from .checkpoint import read_state
+from .config import (
+    TrainConfig,
+    config_from_dict,
+    context_classes,
+    dataset_entry,
+    load_toml,
+    merge,
+    resolve_config,
+)
+from .data import dequantize
+from .distributed import setup
+from .experiment import Dataset, Run, build_flow, load_dataset, n_examples, open_run, quantize
+from .io import atomic_write
+from .train import History, _Data, evaluate, fit, seed_from
+
+__all__ = [
+    "calibrate_steps",
+    "clear_run",
+    "demo",
+    "describe_eval",
+    "eval_run",
+    "plot_run",
+    "sample_run",
+    "say",
+    "train_config",
+    "train_run",
+]
+
+#: The files a training run writes into its directory (:func:`clear_run` removes these and nothing else).
+RUN_FILES = ("best.safetensors", "metrics.jsonl", "metrics.csv", "config.json", "eval.json")
+RUN_DIRS = ("checkpoint", ".checkpoint-old")
+
+
+def say(*args) -> None:
+    """Prints on one process only: rank 0 under ``torchrun`` (``RANK`` unset: a single process)."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(*args, flush=True)
+
+
+# -- train -------------------------------------------------------------------------------------------
+def train_config(config_file: str | None = None, overrides: dict | None = None,
+                 resume: bool = False) -> TrainConfig:
+    """The configuration of a training run: a TOML file and overrides over the data set's defaults.
+
+    With ``resume`` the configuration comes from the run's checkpoint (``overrides["run_dir"]`` or the
+    file's ``run_dir``), with ``overrides`` applied on top (e.g. a longer ``max_steps``).
+    """
+    overrides = dict(overrides or {})
+    if resume:
+        run_dir = overrides.get("run_dir") or (load_toml(config_file).get("run_dir") if config_file else None)
+        if not run_dir:
+            raise ValueError("--resume needs the run directory: --run-dir DIR")
+        values = merge(read_state(run_dir)["train_config"], overrides)
+        values["run_dir"] = str(run_dir)
+        return config_from_dict(values)
+    config = resolve_config(load_toml(config_file) if config_file else {}, overrides)
+    if not config.run_dir:
+        config.run_dir = str(config.resolved_run_dir)
+    return config
+
+
+def clear_run(run_dir: str | Path) -> None:
+    """Removes the files a previous run wrote into ``run_dir`` (and nothing else)."""
+    run_dir = Path(run_dir)
+    for name in RUN_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def train_run(config: TrainConfig, resume: bool = False, overwrite: bool = False,
+              callback=None) -> tuple[History, Dataset, torch.nn.Module]:
+    """Loads the data, builds the flow and trains it (:func:`~pushforward.train.fit`).
+
+    Returns ``(history, dataset, flow)``.
+
+    ``overwrite`` first removes a previous run's files from ``config.run_dir`` (:func:`clear_run`).
+    """
+    dist = setup(config.device)  # under torchrun: join the process group (fit uses it)
+    if overwrite and not resume:
+        if dist.is_main:
+            clear_run(config.run_dir)
+        dist.barrier()
+    dataset = load_dataset(config)
+    flow = build_flow(config, dataset)
+    n_params = sum(p.numel() for p in flow.parameters())
+    say(f"training {config.recipe} ({n_params:,} parameters) on {dataset.name}: "
+        f"{n_examples(dataset.train)} train / {n_examples(dataset.val)} val / "
+        f"{n_examples(dataset.test)} test examples -> {config.run_dir}")
+    history = fit(flow, dataset.train, dataset.val, config, resume=resume, callback=callback)
+    dist.close()
+    return history, dataset, flow
+
+
+# -- eval ----------------------------------------------------------------------------------------------
+def eval_run(path: str | Path, split: str = "test", batch_size: int | None = None,
+             checkpoint: bool = False) -> dict:
+    """Evaluates a run (best weights) on a split and writes ``eval.json`` into the run directory.
+
+    The result's ``"path"`` is where ``eval.json`` was written.
+    """
+    run = open_run(path, checkpoint=checkpoint)
+    dataset = load_dataset(run.config)
+    data = {"test": dataset.test, "val": dataset.val, "train": dataset.train}[split]
+    result = evaluate(run.flow, data, batch_size or run.config.eval_batch_size, seed=run.config.seed,
+                      device=run.config.device, classes=context_classes(run.config))
+    result = {"data": dataset.name, "split": split, "weights": str(run.weights), **result}
+    if dataset.info.get("standardised"):
+        # x_std = (x - mean) / std has log|det| = -sum(log std), so log p(x) = log p(x_std) - sum(log std)
+        log_det = float(sum(math.log(s) for s in dataset.info["std"]))
+        result["space"] = "standardised"
+        result["nll_original"] = result["nll"] + log_det
+        result["nll_original_stderr"] = result["nll_stderr"]
+        result["sum_log_std"] = log_det
+        result["note"] = ("nll / nll_stderr: nats per row in the standardised space (training-set mean and "
+                          "std), as the MAF/NSF papers report; nll_original: nats per row in the table's own "
+                          "units, nll + sum(log std) (the log-likelihood minus the standardisation's "
+                          "log-determinant)")
+    text = json.dumps(result, indent=1)
+    atomic_write(run.run_dir / "eval.json", lambda tmp: Path(tmp).write_text(text))
+    return {**result, "path": str(run.run_dir / "eval.json")}
+
+
+def describe_eval(result: dict) -> str:
+    """The text ``pushforward eval`` prints for a result of :func:`eval_run`."""
+    lines = [f"{result['split']} set of {result['data']}: {result['n']} examples, {result['dims']} dims"]
+    if "conditional" in result:
+        lines.append(f"  conditional: {result['conditional']}")
+    space = " (standardised space)" if result.get("space") == "standardised" else ""
+    variational = result.get("dequantization") == "variational"
+    bound = " (variational bound: -log p(y) + log q(u|x))" if variational else ""
+    if result.get("bound"):  # a VAE (pushforward.vae)
+        bound += f" ({result['bound']}: an upper bound on the VAE's NLL; see pushforward compare for IWAE)"
+    lines.append(f"  NLL          {result['nll']:.4f} +- {result['nll_stderr']:.4f} nats{space}{bound}")
+    if "nll_original" in result:
+        lines.append(f"  NLL          {result['nll_original']:.4f} +- {result['nll_original_stderr']:.4f} "
+                     "nats "
+                     f"(original units: + sum(log std) = {result['sum_log_std']:+.4f})")
+    if "bpd" in result:
+        lines.append(f"  bits/dim     {result['bpd']:.4f} +- {result['bpd_stderr']:.4f}  "
+                     f"({result['levels']} levels, {result['dequantization']} dequantization)")
+    if "uniform_bpd" in result:
+        lines.append(f"  bits/dim     {result['uniform_bpd']:.4f} +- {result['uniform_bpd_stderr']:.4f}  "
+                     "(same model, uniform dequantization, for reference; "
+                     f"E_q[log q] = {result['log_q']:.4f} nats)")
+    if "max_reconstruction_error" in result:
+        lines.append(f"  max |f^-1(f(x)) - x| = {result['max_reconstruction_error']:.3g}")
+    return "\n".join(lines)
+
+
+# -- sample --------------------------------------------------------------------------------------------
+def _one_hot(labels: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels.long(), classes).to(dtype)
+
+
+def sample_run(path: str | Path, n: int = 64, temperature: float = 1.0, out: str | None = None,
+               interpolate: bool = False, seed: int = 0, label: int | None = None) -> list[Path]:
+    """Writes samples of a run: an image grid, or data/samples/density panels for 2-D data.
+
+    A class-conditional run samples ``p(x | label)``: ``n`` samples of ``label``, or, without a
+    label, a grid with one row per class (``max(1, n // classes)`` samples each). Samples of a table
+    also go to a CSV file in the table's own units.
+    """
+    run = open_run(path)
+    dataset = load_dataset(run.config)
+    flow = run.flow
+    classes = context_classes(run.config)
+    if label is not None and not classes:
+        raise ValueError(f"--label needs a class-conditional run (train with --condition label); "
+                         f"{path} is not one")
+    if label is not None and not 0 <= label < classes:
+        raise ValueError(f"--label must lie in [0, {classes - 1}], got {label}")
+    torch.manual_seed(seed)
+    written: list[Path] = []
+    suffix = "" if temperature == 1.0 else f"_T{temperature:g}"
+    if dataset.is_image:
+        nrow, what = None, f"{n} samples"
+        with torch.no_grad():
+            if not classes:
+                y = flow.sample(n, temperature=temperature)
+            elif label is not None:
+                context = _one_hot(torch.tensor(label), classes, flow.dtype)
+                y = flow.sample(n, context=context, temperature=temperature)
+                what, suffix = f"{n} samples of class {label}", f"{suffix}_label{label}"
+            else:  # (per_class, classes, C, H, W) -> one row per class
+                nrow = max(1, n // classes)
+                context = _one_hot(torch.arange(classes), classes, flow.dtype)
+                y = flow.sample(nrow, context=context, temperature=temperature).transpose(0, 1).flatten(0, 1)
+                what = f"one row per class 0..{classes - 1}, {nrow} samples each"
+        target = Path(out) if out else run.run_dir / f"samples{suffix}.png"
+        written.append(plot.save_image_grid(target, quantize(y, dataset.levels), nrow=nrow,
+                                            title=f"{dataset.name}: {what}, T={temperature:g}"))
+        if interpolate:
+            where = Path(out).with_name(Path(out).stem + "_interpolation.png") if out else None
+            written.append(_interpolation(run, dataset, where or run.run_dir / "interpolation.png"))
+        return written
+    with torch.no_grad():
+        x = flow.sample(n, temperature=temperature)
+    target = Path(out) if out else run.run_dir / f"samples{suffix}.png"
+    if dataset.event_shape == (2,):
+        written.append(plot.plot_2d(target, x, log_prob=flow.log_prob, dtype=flow.dtype,
+                                    data=dataset.test[:n],
+                                    title=f"{dataset.name}: data, samples (T={temperature:g}) and density"))
+        return written
+    written.append(plot.plot_2d(target, x[:, :2], data=dataset.test[:n, :2],
+                                title=f"{dataset.name}: first two of {x.shape[1]} dims (standardised)"))
+    csv_path = target.with_suffix(".csv")
+    info = dataset.info
+    if info.get("standardised"):
+        x = x * torch.tensor(info["std"]) + torch.tensor(info["mean"])
+    header = ",".join(info.get("columns", [f"x{i}" for i in range(x.shape[1])]))
+    np.savetxt(csv_path, x.numpy(), delimiter=",", header=header, comments="")
+    written.append(csv_path)
+    return written
+
+
+def _interpolation(run: Run, dataset: Dataset, target: Path, pairs: int = 4, steps: int = 9) -> Path:
+    """Decodes points on straight lines between the latents of test images."""
+    flow = run.flow
+    k = min(2 * pairs, len(dataset.test.images))
+    g = torch.Generator().manual_seed(run.config.seed)
+    y = dequantize(dataset.test.images[:k], dataset.levels, generator=g).to(flow.dtype)
+    classes = context_classes(run.config)
+    # a conditional model: each image is encoded with its own label; the path interpolates the labels too
+    c = _one_hot(dataset.test.labels[:k], classes, flow.dtype) if classes else None
+    with torch.no_grad():
+        z, _ = flow.transform(y, flow.embed_context(c))
+        rows = []
+        for i in range(0, k - 1, 2):
+            t = torch.linspace(0, 1, steps, dtype=z.dtype).view(-1, *([1] * (z.dim() - 1)))
+            path = (1 - t) * z[i] + t * z[i + 1]
+            cp = None if c is None else (1 - t.view(-1, 1)) * c[i] + t.view(-1, 1) * c[i + 1]
+            rows.append(flow.transform.inverse(path, flow.embed_context(cp))[0])
+    images = quantize(torch.cat(rows), dataset.levels)
+    return plot.save_image_grid(target, images, nrow=steps, title="latent interpolation between test images")
+
+
+# -- plot ------------------------------------------------------------------------------------------------
+def plot_run(path: str | Path, out: str | None = None) -> Path:
+    """Draws a run's training and validation curves from ``metrics.jsonl`` (default ``RUN/curves.png``)."""
+    run_dir = Path(path)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return plot.plot_curves(Path(out) if out else run_dir / "curves.png", rows,
+                            title=f"training curves: {run_dir.name}")
+
+
+# -- demo --------------------------------------------------------------------------------------------------
+def calibrate_steps(config: TrainConfig, minutes: float, trial_steps: int = 15) -> int:
+    """How many optimizer steps of ``config`` fit in ``minutes`` (timed on a throwaway copy of the model)."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    ds = load_dataset(config)
+    flow = build_flow(config, ds)
+    data = _Data(ds.train)
+    opt = torch.optim.Adam(flow.parameters(), lr=config.lr)
+    bs = min(config.batch_size, data.n)
+    idx = torch.arange(bs)
+    start = time.monotonic()
+    for i in range(trial_steps + 3):
+        if i == 3:
+            start = time.monotonic()
+        x = data.get(idx, seed_from(i), flow.dtype)
+        loss = -flow.log_prob(x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    per_step = (time.monotonic() - start) / trial_steps
+    per_step *= 1.05  # validation and checkpoints
+    return max(50, int(60 * minutes / per_step))
+
+
+def demo(out: str | Path = "runs/demo", minutes: float = 3.0, density: str = "moons",
+         images: str = "digits") -> dict:
+    """Trains, evaluates, samples and plots a 2-D density then an image model; returns the results."""
+    out = Path(out)
+    results = {}
+    plan = [(density, 0.4 * minutes), (images, 0.6 * minutes)] if images else [(density, minutes)]
+    for data, budget in plan:
+        run_dir = out / data
+        clear_run(run_dir)
+        config = resolve_config({}, {"data": data, "run_dir": str(run_dir)})
+        config.max_steps = calibrate_steps(config, budget * 0.9)
+        config.max_minutes = budget
+        config.patience = 0
+        config.val_every = max(1, config.max_steps // 20)
+        say(f"\n== {data}: about {budget:.1f} min, {config.max_steps} steps ({config.recipe})")
+        history, dataset, _ = train_run(config)
+        result = eval_run(run_dir)
+        say(describe_eval(result))
+        files = sample_run(run_dir, n=1000 if dataset.event_shape == (2,) else 64)
+        if dataset.is_image:
+            files += sample_run(run_dir, n=64, temperature=0.7, interpolate=True)
+        files.append(plot_run(run_dir))
+        results[data] = {"eval": result, "stop_reason": history.stop_reason, "steps": history.step,
+                         "files": [str(f) for f in files]}
+        entropy = dataset_entry(config).entropy
+        h = entropy() if entropy is not None else None
+        if h is not None:
+            results[data]["true_entropy"] = h
+            say(f"  (the true density's entropy, the best achievable NLL: {h:.4f} nats)")
+    (out / "summary.json").write_text(json.dumps(results, indent=1))
+    say(f"\n== demo results in {out}")
+    for data, r in results.items():
+        e = r["eval"]
+        score = f"{e['bpd']:.4f} bits/dim" if "bpd" in e else f"{e['nll']:.4f} nats"
+        say(f"  {data}: test {score} after {r['steps']} steps")
+        for f in r["files"]:
+            say(f"    {f}")
+    return results
