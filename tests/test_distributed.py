@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from pushforward import cli, models
 from pushforward.checkpoint import STATE_FILE, checkpoint_dir, load_checkpoint, read_state
 from pushforward.config import config_from_dict
+from pushforward.core import Transform
 from pushforward.data.images import ImageData
 from pushforward.data.toy import toy_sample
 from pushforward.distributed import Distributed, LossStep, checkpoint_targets, conditioners, resolve_device
@@ -233,6 +234,8 @@ def test_one_ddp_step_equals_one_process_on_the_same_global_batch(ddp_runs):
         assert torch.equal(weights_ddp[n], weights_one[n]), n
     rows_ddp, rows_one = read_state(run / "ddp")["history"], read_state(run / "single")["history"]
     assert rows_ddp[0]["train_nll"] == pytest.approx(rows_one[0]["train_nll"], rel=1e-6)  # before the update
+    # the same validation noise on any number of processes (other noise moves it by ~0.2; the update by ~0.003)
+    assert rows_ddp[0]["val_nll"] == pytest.approx(rows_one[0]["val_nll"], abs=0.02)
 
 
 def test_ddp_run_matches_one_process_and_its_checkpoint_loads_in_one_process(ddp_runs):
@@ -397,6 +400,86 @@ def test_bf16_autocast_runs_the_conditioners_only_and_keeps_the_flow_in_float32(
     torch.testing.assert_close(flow.log_prob(x).detach(), reference)  # the flow itself is unchanged
     with pytest.raises(ValueError, match="float32"):
         LossStep(models.realnvp(2, layers=1, hidden=(4,)).double(), Distributed(), amp=True)
+
+
+class _ShiftCoupling(Transform):
+    """A layer pushforward does not ship: its conditioner lives under ``shift_network`` (no ``.net``)."""
+
+    def __init__(self, declare: bool = True):
+        super().__init__()
+        self.shift_network = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.declare = declare
+
+    def forward(self, x, context=None):
+        a, b = x[..., :1], x[..., 1:]
+        return torch.cat([a, b + self.shift_network(a)], -1), x.new_zeros(x.shape[:-1])
+
+    def inverse(self, z, context=None):
+        a, b = z[..., :1], z[..., 1:]
+        return torch.cat([a, b - self.shift_network(a)], -1), z.new_zeros(z.shape[:-1])
+
+    def conditioners(self):
+        return [self.shift_network] if self.declare else []
+
+
+def test_bf16_autocast_finds_a_conditioner_under_any_attribute_name():
+    from pushforward import Compose, Flow
+    from pushforward.distributions import StandardNormal
+
+    torch.manual_seed(0)
+    flow = Flow(Compose(_ShiftCoupling(), _ShiftCoupling()), StandardNormal((2,)))
+    x = torch.randn(16, 2)
+    reference = flow.log_prob(x).detach()
+    assert conditioners(flow) == [t.shift_network for t in flow.transform]
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, output.dtype)  # (a hook returning a value would replace the output)
+
+        return hook
+
+    flow.transform[0].shift_network[0].register_forward_hook(record("inner"))
+    flow.transform[0].shift_network.register_forward_hook(record("outer"))
+    step = LossStep(flow, Distributed(), amp=True)
+    nll = step(_nll, x)
+    assert seen == {"inner": torch.bfloat16, "outer": torch.float32} and nll.dtype == torch.float32
+    torch.testing.assert_close(-nll.detach(), reference, rtol=2e-2, atol=0.1)
+    step.close()
+    # a network the layer does not declare runs in float32, and amp says so
+    quiet = Flow(Compose(_ShiftCoupling(declare=False)), StandardNormal((2,)))
+    step = LossStep(quiet, Distributed(), amp=True)
+    with pytest.warns(UserWarning, match=r"transform\.transforms\.0\.shift_network"):
+        nll = step(_nll, x)
+    assert nll.dtype == torch.float32
+    step.close()
+
+
+def test_a_first_step_that_initialises_actnorm_then_draws_the_same_noise():
+    from pushforward.objectives import Batch, UniformDequantization
+
+    flow, objective = glow_flow(), UniformDequantization(17)  # ActNorm not initialised yet
+    x = images()[0].images[:16]
+    step = LossStep(flow, Distributed())
+    loss = step(objective.loss, Batch(x), torch.Generator().manual_seed(5))  # initialises, then the step
+    assert all(m._initialized for m in flow.modules() if isinstance(m, ActNorm))
+    torch.testing.assert_close(loss, objective.loss(flow, Batch(x), torch.Generator().manual_seed(5)))
+    step.close()
+
+
+def test_checkpointing_finds_the_layers_of_any_model():
+    inner = models.realnvp_image((1, 8, 8), levels=2, hidden_channels=4, blocks=1)
+    flow = models.dequantized(inner.recipe, quantization_levels=17, layers=2, hidden_channels=4)
+    targets = list(checkpoint_targets(flow))
+    assert targets[: len(list(checkpoint_targets(flow.transform)))] == list(checkpoint_targets(flow.transform))
+    assert set(map(id, flow.dequantizer.transform.transforms)) <= set(map(id, targets))  # q(u | x) too
+    from pushforward.vae import vae
+
+    model = vae((3,), latent=2, hidden=(8,))
+    x = torch.randn(4, 3)
+    step = LossStep(model, Distributed(), checkpoint_grads=True)  # a model without `.transform`
+    step(lambda m, x: -m.log_prob(x), x).mean().backward()
+    step.close()
 
 
 def test_compiled_training_equals_eager(monkeypatch):

@@ -5,9 +5,9 @@ A checkpoint is a directory holding three files:
 - ``model.safetensors``: the flow's weights with its recipe in the metadata, so
   :func:`pushforward.load` opens it directly;
 - ``state.safetensors``: the optimizer's tensors and the torch RNG states (uint8 tensors);
-- ``state.json``: the flow config, the training config, step/epoch/position, the scheduler,
-  the optimizer's scalars, the python/numpy RNG states, the history, and the SHA-256 of both
-  safetensors files.
+- ``state.json``: the flow's recipe, the training config, the objective, step/epoch/position, the
+  scheduler, the optimizer's scalars, the python/numpy RNG states, the history, and the SHA-256 of
+  both safetensors files.
 
 The directory is written under a temporary name and then renamed into place, so a crash never
 leaves a half-written or mismatched set: the previous checkpoint is moved aside first and only
@@ -25,7 +25,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -62,7 +62,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    name, keys, pos, has_gauss, cached = legacy
     json_state = {
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],

@@ -8,20 +8,26 @@
   ``torch.multiprocessing.spawn``) is used as it is. The returned :class:`Distributed` knows the
   rank, the device of this process and how to sum numbers over all processes.
 - :class:`LossStep` is what the loop calls to get the per-example loss of a batch with gradients,
-  ``step(fn, *args) = fn(flow, *args)``. On its first call it initialises data-dependent layers
-  (ActNorm) eagerly on that batch (ActNorm averages its statistics over the processes, so every
-  rank gets the same parameters), then builds the module that is actually run: ``Objective(flow)``,
-  wrapped in ``DistributedDataParallel`` when there are several processes (so the backward pass
-  averages the gradients); with ``compile`` the ``flow.log_prob`` that ``fn`` calls is a
-  ``torch.compile``-d :class:`LogProb` module. ``amp`` runs the conditioner networks (the ``net`` of every coupling
-  and autoregressive layer) under bf16 autocast and casts their outputs back to the flow's dtype, so
-  everything of the flow proper -- the elementwise maps, their log-determinants, the base density
-  and the loss -- stays in float32 and the log-determinant is exact for the parameters used.
-  ``checkpoint_grads`` recomputes each layer of the flow's top-level ``Compose`` (and of the
-  ``Compose`` inside each ``FactorOut``) during the backward pass instead of storing its
-  activations (:func:`torch.utils.checkpoint.checkpoint`).
+  ``step(fn, *args) = fn(model, *args)`` (the loop passes ``objective.loss, batch, generator``). On
+  its first call it initialises data-dependent layers (ActNorm) eagerly on that batch if any are
+  left (ActNorm averages its statistics over the processes, so every rank gets the same
+  parameters), then builds the module that is actually run: :class:`LossModule`, wrapped in
+  ``DistributedDataParallel`` when there are several processes (so the backward pass averages the
+  gradients); with ``compile`` the ``model.log_prob`` that ``fn`` calls is a ``torch.compile``-d
+  :class:`LogProb` module.
 
-Both patches are applied to the flow's modules as instance attributes and removed by
+``amp`` runs every conditioner network under bf16 autocast and casts its outputs back to the
+model's dtype. The conditioners are what the layers declare, :func:`pushforward.core.conditioners`
+(each :class:`~pushforward.core.Transform` names its own in ``conditioners()``: the coupling's and
+the autoregressive layer's network, whatever attribute holds it), so everything of the flow proper
+-- the elementwise maps, their log-determinants, the base density and the loss -- stays in float32
+and the log-determinant is exact for the parameters used. A layer that holds a network with
+parameters without declaring it is named in a warning (it runs in float32).
+``checkpoint_grads`` recomputes each layer of the model's outermost ``Compose`` chains (and of the
+``Compose`` inside each ``FactorOut``) during the backward pass instead of storing its
+activations (:func:`torch.utils.checkpoint.checkpoint`).
+
+Both patches are applied to the model's modules as instance attributes and removed by
 :meth:`LossStep.close`; they never change parameter names, so checkpoints are unaffected.
 """
 
@@ -30,16 +36,19 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from .core import Compose, Flow, Transform
+from .core import Compose, Transform, conditioners
+from .objectives import LogDensity, model_dtype
 
 __all__ = [
-    "Distributed", "LogProb", "LossStep", "Objective", "checkpoint_targets", "conditioners", "env_world_size",
+    "Distributed", "LogProb", "LossModule", "LossStep", "checkpoint_targets", "conditioners", "env_world_size",
     "resolve_device", "setup",
 ]
 
@@ -179,34 +188,34 @@ class LogProb(nn.Module):
     ``forward`` is the log-density. It holds ``flow`` as a submodule, sharing its parameters.
     """
 
-    def __init__(self, flow: Flow):
+    def __init__(self, flow: nn.Module):
         super().__init__()
         self.flow = flow
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.flow.log_prob(x, context)
+        return cast(LogDensity, self.flow).log_prob(x, context)
 
 
 class _FlowView:
-    """What the loss function sees as the flow: ``log_prob`` is the compiled one, the rest the flow's."""
+    """What the loss function sees as the model: ``log_prob`` is the compiled one, the rest the model's."""
 
-    def __init__(self, flow: Flow, log_prob):
+    def __init__(self, flow: nn.Module, log_prob):
         self._flow, self.log_prob = flow, log_prob
 
     def __getattr__(self, name: str):
         return getattr(self._flow, name)
 
 
-class Objective(nn.Module):
-    """``forward(fn, *args) = fn(flow, *args)``: the per-example loss, computed inside ``forward``.
+class LossModule(nn.Module):
+    """``forward(fn, *args) = fn(model, *args)``: the per-example loss, computed inside ``forward``.
 
     Wrapped in ``DistributedDataParallel``, whose gradient averaging hooks into ``forward``; ``fn``
-    (e.g. the training data's ``nll``) may use ``flow.log_prob`` and ``flow.dequantizer``, so every
-    parameter it touches is synchronised. With ``compile`` the ``flow`` that ``fn`` receives has a
-    compiled ``log_prob`` (the data handling around it stays eager).
+    (an objective's ``loss``) may use any part of the model (``log_prob``, a dequantizer, a VAE's
+    ``elbo``), so every parameter it touches is synchronised. With ``compile`` the model that ``fn``
+    receives has a compiled ``log_prob`` (the data handling around it stays eager).
     """
 
-    def __init__(self, flow: Flow, compiled_log_prob: nn.Module | None = None):
+    def __init__(self, flow: nn.Module, compiled_log_prob: Callable[..., Tensor] | None = None):
         super().__init__()
         self.flow = flow
         # a plain attribute (not a submodule): the compiled module shares the flow's parameters
@@ -218,22 +227,33 @@ class Objective(nn.Module):
 
 def _lazy_modules(flow: nn.Module) -> list[nn.Module]:
     """Modules that still wait for a data-dependent initialisation (ActNorm)."""
-    return [m for m in flow.modules() if getattr(m, "_initialized", True) is False]
+    from .initialization import data_dependent
+
+    return [m for m in data_dependent(flow) if not bool(m.initialized)]
 
 
-def checkpoint_targets(transform: Transform) -> Iterator[Transform]:
-    """The layers that gradient checkpointing wraps: each member of the top-level ``Compose``,
-    except that a ``FactorOut`` whose inner flow is a ``Compose`` is entered instead of wrapped."""
+def checkpoint_targets(model: nn.Module) -> Iterator[Transform]:
+    """The layers that gradient checkpointing wraps.
+
+    For a :class:`~pushforward.core.Transform`: each member of it if it is a ``Compose`` (else the
+    transform itself), except that a ``FactorOut`` whose inner flow is a ``Compose`` is entered instead
+    of wrapped. For any other module (a ``Flow``, a model holding a dequantizer): the same for each
+    of its outermost transforms.
+    """
     from .transforms.reshape import FactorOut
 
-    if not isinstance(transform, Compose):
-        yield transform
+    if not isinstance(model, Transform):
+        for child in model.children():
+            yield from checkpoint_targets(child)
         return
-    for t in transform.transforms:
+    if not isinstance(model, Compose):
+        yield model
+        return
+    for t in model.transforms:
         if isinstance(t, FactorOut) and isinstance(t.transform, Compose):
             yield from checkpoint_targets(t.transform)
         else:
-            yield t
+            yield cast(Transform, t)
 
 
 def _checkpointed(forward):
@@ -249,35 +269,58 @@ def _checkpointed(forward):
 
 
 def _autocast(forward, device_type: str, dtype: torch.dtype):
+    """``forward`` run under autocast, its floating outputs cast back to the dtype of its first floating input."""
+
     @functools.wraps(forward)
-    def run(x: Tensor, *args, **kwargs):
+    def run(*args, **kwargs):
+        like = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
         with torch.autocast(device_type, dtype=dtype):
-            out = forward(x, *args, **kwargs)
-        return out.to(x.dtype)
+            out = forward(*args, **kwargs)
+        if like is None:
+            return out
+        if isinstance(out, tuple):
+            return tuple(o.to(like) if isinstance(o, Tensor) and o.is_floating_point() else o for o in out)
+        return out.to(like) if isinstance(out, Tensor) and out.is_floating_point() else out
 
     return run
 
 
-def conditioners(flow: nn.Module) -> list[nn.Module]:
-    """The conditioner networks: the ``net`` of every coupling and autoregressive layer."""
-    return [m.net for m in flow.modules() if isinstance(m, Transform) and isinstance(getattr(m, "net", None), nn.Module)]
+def undeclared_networks(model: nn.Module) -> list[str]:
+    """Modules with parameters held by a transform that neither are transforms nor are declared by it as
+    conditioners (:meth:`~pushforward.core.Transform.conditioners`): under ``amp`` they stay in float32."""
+    declared = {id(net) for net in conditioners(model)}
+    found = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, Transform) or id(child) in declared:
+                continue
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                visit(f"{prefix}{name}.", child)
+            elif any(True for _ in child.parameters()):
+                found.append(f"{prefix}{name}")
+
+    for name, m in model.named_modules():
+        if isinstance(m, Transform):
+            visit(f"{name}." if name else "", m)
+    return found
 
 
 class LossStep:
-    """Computes the per-example training loss ``fn(flow, *args)`` through DDP / autocast / compile / checkpointing.
+    """Computes the per-example training loss ``fn(model, *args)`` through DDP / autocast / compile / checkpointing.
 
     Args:
-        flow: the flow (already on its device).
+        flow: the model (already on its device): a flow, or any module ``fn`` can score.
         dist: from :func:`setup`.
         amp: bf16 autocast in the conditioner networks (CUDA, or CPU; not MPS).
-        compile: ``torch.compile`` the flow's ``log_prob`` (after the eager ActNorm initialisation).
+        compile: ``torch.compile`` the model's ``log_prob`` (after the eager ActNorm initialisation).
         checkpoint_grads: recompute layer activations in the backward pass.
 
-    ``step(fn, *args)`` returns ``fn(flow, *args)``; on the first call it initialises ActNorm on
-    those arguments (under ``no_grad``), applies the patches and builds the wrapped module.
+    ``step(fn, *args)`` returns ``fn(model, *args)``; on the first call it initialises ActNorm on
+    those arguments if any is left (under ``no_grad``), applies the patches and builds the wrapped module.
     """
 
-    def __init__(self, flow: Flow, dist: Distributed, *, amp: bool = False, compile: bool = False,
+    def __init__(self, flow: nn.Module, dist: Distributed, *, amp: bool = False, compile: bool = False,
                  checkpoint_grads: bool = False):
         self.flow, self.dist = flow, dist
         self.amp, self.compile, self.checkpoint_grads = amp, compile, checkpoint_grads
@@ -287,25 +330,34 @@ class LossStep:
             device_type = dist.device.type
             if device_type not in ("cuda", "cpu"):
                 raise ValueError(f"amp (bf16 autocast) is supported on cuda and cpu, not {device_type}")
-            if flow.dtype != torch.float32:
-                raise ValueError(f"amp needs a float32 flow, this one is {flow.dtype}")
+            if model_dtype(flow) != torch.float32:
+                raise ValueError(f"amp needs a float32 model, this one is {model_dtype(flow)}")
+
+    def _patch(self, module: nn.Module, wrap) -> None:
+        module.forward = wrap(module.forward)
+        self._patched.append(module)
 
     def _build(self, fn, args) -> nn.Module:
         if _lazy_modules(self.flow):
             # Data-dependent init on the first batch, eagerly and before DDP / compile. With several
-            # processes ActNorm averages its statistics over them: the init of the global batch.
+            # processes ActNorm averages its statistics over them: the init of the global batch. A
+            # generator among the arguments is rewound, so the step then draws the same noise.
+            states = [(a, a.get_state()) for a in args if isinstance(a, torch.Generator)]
             with torch.no_grad():
                 fn(self.flow, *args)
+            for g, state in states:
+                g.set_state(state)
         if self.amp:
+            if missed := undeclared_networks(self.flow):
+                warnings.warn(f"amp: {', '.join(missed)} hold(s) parameters but no layer declares it as a conditioner "
+                              "(Transform.conditioners()), so it runs in float32", stacklevel=3)
             for net in conditioners(self.flow):
-                net.forward = _autocast(net.forward, self.dist.device.type, torch.bfloat16)
-                self._patched.append(net)
+                self._patch(net, lambda f: _autocast(f, self.dist.device.type, torch.bfloat16))
         if self.checkpoint_grads:
-            for t in checkpoint_targets(self.flow.transform):
-                t.forward = _checkpointed(t.forward)
-                self._patched.append(t)
+            for t in checkpoint_targets(self.flow):
+                self._patch(t, _checkpointed)
         compiled = torch.compile(LogProb(self.flow)) if self.compile else None
-        module: nn.Module = Objective(self.flow, compiled)
+        module: nn.Module = LossModule(self.flow, compiled)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -313,7 +365,8 @@ class LossStep:
             # tensors to the GPU). Buffers (masks, permutations, ActNorm flags) are constant and
             # identical on every rank, so they are not broadcast before each forward.
             quiet = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters  # torch >= 2.13
-            module = DDP(module, device_ids=None, **{"forward_sync_buffers" if quiet else "broadcast_buffers": False})
+            no_buffer_sync: dict[str, Any] = {"forward_sync_buffers" if quiet else "broadcast_buffers": False}
+            module = DDP(module, device_ids=None, **no_buffer_sync)
         return module
 
     def __call__(self, fn, *args) -> Tensor:
@@ -322,7 +375,7 @@ class LossStep:
         return self.module(fn, *args)
 
     def close(self) -> None:
-        """Removes the autocast / checkpointing patches from the flow's modules."""
+        """Removes the autocast / checkpointing patches from the model's modules."""
         for m in self._patched:
             m.__dict__.pop("forward", None)
         self._patched.clear()

@@ -1,50 +1,51 @@
-"""Exact maximum-likelihood training: :func:`fit` and :func:`evaluate`.
+"""The training loop over an objective: :func:`fit` and :func:`evaluate`.
 
-``fit`` minimises the mean negative log-likelihood per dimension with Adam, a linear warm-up then
-a cosine-decaying learning rate, and gradient-norm clipping. It validates every epoch (or every
-``val_every`` steps), keeps the best validation weights (``best.safetensors``), stops early after
-``patience`` validations without improvement, appends one metrics row per validation to
-``metrics.jsonl`` / ``metrics.csv``, and writes a resumable checkpoint (see
-:mod:`pushforward.checkpoint`) after every validation, on Ctrl-C and when the time budget runs out.
+``fit(model, train, val, config, objective=...)`` minimises ``objective.loss`` (a
+:class:`pushforward.objectives.Objective`: the exact NLL, a dequantization bound, an ELBO, or your own)
+with Adam, a linear warm-up then a cosine-decaying learning rate, and gradient-norm clipping. The
+loop knows no model family: what the model is trained on, how the data are dequantized and what the
+figures mean is the objective's business; ``objective=None`` takes
+:func:`pushforward.objectives.default_objective` of the model and the data. The loop minimises the
+mean per-example loss divided by the data's dimension.
+
+It validates every epoch (or every ``val_every`` steps) with the same objective, keeps the best
+validation weights (``best.safetensors``), stops early after ``patience`` validations without
+improvement, appends one metrics row per validation to ``metrics.jsonl`` / ``metrics.csv``, and writes a
+resumable checkpoint (see :mod:`pushforward.checkpoint`) after every validation, on Ctrl-C and when the
+time budget runs out. A NaN or infinite loss, gradient or validation figure stops it
+(:class:`NonFiniteLossError`) without touching the last good checkpoint.
 
 Data-dependent layers (ActNorm) that are not yet initialised are initialised from the first
-training batch (:func:`pushforward.initialize`) before anything else evaluates the flow; layers
-already initialised -- a resumed run, a loaded flow, or your own ``pushforward.initialize`` -- are
-kept, so a resumed run never re-initialises.
+training batch (:func:`pushforward.initialize`), as the objective presents it to the model, before
+anything else evaluates the model; layers already initialised -- a resumed run, a loaded flow, or
+your own ``pushforward.initialize`` -- are kept, so a resumed run never re-initialises.
 
-Reproducibility: the data order of epoch ``e`` is a permutation seeded from ``(seed, e)`` and the
-dequantization noise of each batch from ``(seed, e, batch)``, so a resumed run continues exactly
-where it stopped and ends with the same weights as an uninterrupted one.
-
-Images (``ImageData``: integer pixels with ``levels`` grey levels) are dequantized afresh for each
-epoch, ``y = (x + u) / levels``, and validated with noise from a fixed seed; their losses are also
-reported in bits/dim (:func:`pushforward.metrics.bits_per_dim`).
-
-With ``config.dequantization = "variational"`` the flow carries a dequantizer ``q(u | x)``
-(:func:`pushforward.models.dequantized`); the loss is then the bound ``-log p(y) + log q(u | x)``
-with ``u ~ q(u | x)`` (one sample per image, seeded like the uniform noise), the same optimizer
-trains both, and the bits/dim formula is unchanged. With ``config.condition = "label"`` the one-hot
-label is passed as ``context``: the model is ``p(x | label)``.
+Reproducibility: the data order of epoch ``e`` is a permutation seeded from ``(seed, e)``, and the
+objective's noise for batch ``b`` comes from a generator seeded from ``(seed, e, b)``, so a resumed
+run continues exactly where it stopped and ends with the same weights as an uninterrupted one.
+Validation chunk ``k`` (of ``eval_batch_size`` examples) draws its noise from ``(seed, k)``, the
+same at every validation. Data are a float tensor ``(N, *event_shape)`` or an
+:class:`~pushforward.data.ImageData` (integer images, which the objective dequantizes); with
+``config.condition = "label"`` the one-hot label is passed as ``context``: the model is ``p(x | label)``.
 
 Several processes: under ``torchrun --nproc-per-node N -m pushforward train ...`` (see
 ``docs/scaling.md``) ``fit`` joins the process group (NCCL on CUDA, gloo on the CPU; see
 :mod:`pushforward.distributed`) and trains with ``DistributedDataParallel``. ``batch_size`` is the
 **global** batch (it must be divisible by the number of processes): every rank draws the same
-permutation and the same dequantization noise for the global batch and takes its contiguous
-``batch_size / N`` slice, so the averaged gradient is that of the one-process run on the same batch.
-Losses and validation NLLs are summed over the ranks, so the decisions (early stopping, the
-best weights, Ctrl-C, the time budget) are the same on every rank; rank 0 alone writes the run
-directory (checkpoints hold nothing rank-specific, so a run resumes under any number of processes
-that divides the batch) and shows the progress bar. The variational dequantizer's noise is drawn
-per rank (seeded by the batch and the rank), so with it the runs with 1 and N processes are
-equally good but not identical. ``config.amp`` (bf16 autocast in the conditioner networks),
-``config.compile`` (``torch.compile`` of the log-density) and ``config.checkpoint_grads``
-(recompute activations in the backward pass) also come from :class:`pushforward.distributed.LossStep`.
+permutation and the same noise for the global batch and takes its contiguous ``batch_size / N``
+slice (:meth:`~pushforward.objectives.Batch.draw`), so the averaged gradient is that of the
+one-process run on the same batch. Losses and validation figures are summed over the ranks, so the
+decisions (early stopping, the best weights, Ctrl-C, the time budget) are the same on every rank;
+rank 0 alone writes the run directory (checkpoints hold nothing rank-specific, so a run resumes under
+any number of processes that divides the batch) and shows the progress bar. Noise drawn inside the
+model (the variational dequantizer, a VAE) is seeded per rank, so with it the runs with 1 and N
+processes are equally good but not identical. ``config.amp`` (bf16 autocast in the conditioner
+networks), ``config.compile`` (``torch.compile`` of the log-density) and ``config.checkpoint_grads``
+(recompute activations in the backward pass) come from :class:`pushforward.distributed.LossStep`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io as _io
 import json
@@ -55,12 +56,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig, config_from_dict, context_classes
@@ -70,6 +71,7 @@ from .distributed import resolve_device as _resolve_device
 from .distributed import setup as setup_distributed
 from .initialization import data_dependent, initialize_layers
 from .io import atomic_write, save
+from .objectives import Batch, LogDensity, Objective, default_objective, model_dtype
 
 __all__ = [
     "History",
@@ -79,7 +81,7 @@ __all__ = [
     "lr_at",
     "negative_log_likelihood",
     "resolve_device",
-    "variational_negative_log_likelihood",
+    "seed_from",
 ]
 
 
@@ -92,6 +94,7 @@ class History:
     """What :func:`fit` returns: one row per validation and why training stopped.
 
     ``stop_reason`` is ``"completed"``, ``"early_stopping"``, ``"time"`` or ``"interrupted"``.
+    ``best_val_nll`` is the best validation figure of the objective (nats per example).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -105,6 +108,11 @@ class History:
 def seed_from(*parts: int) -> int:
     """A well-mixed 32-bit seed from integers (numpy's SeedSequence)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from ``seed_from(*parts)``: what an objective draws a batch's noise from."""
+    return torch.Generator().manual_seed(seed_from(*parts))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,51 +132,41 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
 
 # -- data ----------------------------------------------------------------------------------------
 class _Data:
-    """Continuous vectors (a float tensor) or quantized images (``.images`` uint8 and ``.levels``).
+    """Examples as given: a float tensor ``(N, *event_shape)`` or an ``ImageData`` (integer images).
 
-    With ``classes > 0`` the data's ``.labels`` give the context: one-hot vectors of ``classes`` entries.
+    Images stay integers (the objective dequantizes them). With ``classes > 0`` the data's labels give
+    the context: one-hot vectors of ``classes`` entries.
     """
 
     def __init__(self, data: Any, classes: int = 0):
-        if hasattr(data, "images") and hasattr(data, "levels"):
-            self.images: Tensor | None = torch.as_tensor(data.images)
-            self.levels: int | None = int(data.levels)
-            self.x = None
-            tensor = self.images
+        from .data.images import ImageData
+
+        self.levels: int | None = None
+        if isinstance(data, ImageData):
+            self.x, self.levels = torch.as_tensor(data.images), int(data.levels)
+            if len(self.x) and (int(self.x.min()) < 0 or int(self.x.max()) >= self.levels):
+                raise ValueError(f"images must lie in [0, {self.levels - 1}] for {self.levels} levels, found "
+                                 f"[{int(self.x.min())}, {int(self.x.max())}]")
         elif isinstance(data, Tensor) and data.is_floating_point():
-            self.images, self.levels, self.x = None, None, data
-            tensor = data
+            self.x = data
         else:
             raise TypeError(
                 "training data must be a float tensor of shape (N, *event_shape) or an ImageData "
                 f"(integer images with levels), got {type(data).__name__}"
             )
-        if tensor.dim() < 2 or len(tensor) == 0:
-            raise ValueError(f"training data needs shape (N, *event_shape) with N > 0, got {tuple(tensor.shape)}")
-        self.n = len(tensor)
-        self.event_shape = tuple(tensor.shape[1:])
-        self.dims = math.prod(self.event_shape)
+        if self.x.dim() < 2 or len(self.x) == 0:
+            raise ValueError(f"training data needs shape (N, *event_shape) with N > 0, got {tuple(self.x.shape)}")
+        self.n = len(self.x)
+        self.dims = math.prod(self.x.shape[1:])
         self.classes = classes
         self.labels: Tensor | None = None
         if classes:
-            if getattr(data, "labels", None) is None:
+            if not isinstance(data, ImageData):
                 raise ValueError("a class-conditional model (condition = 'label') needs data with labels (ImageData)")
             self.labels = torch.as_tensor(data.labels).long()
             if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= classes):
                 raise ValueError(f"labels must lie in [0, {classes - 1}] for {classes} classes, got "
                                  f"[{int(self.labels.min())}, {int(self.labels.max())}]")
-
-    def get(self, index: Tensor | slice, seed: int, dtype: torch.dtype) -> Tensor:
-        """The examples at ``index``; images are dequantized with noise seeded by ``seed``."""
-        if self.images is None:
-            return self.x[index].to(dtype)
-        from .data import dequantize
-
-        g = torch.Generator().manual_seed(seed)
-        return dequantize(self.images[index], self.levels, generator=g).to(dtype)
-
-    def fixed(self, seed: int, dtype: torch.dtype) -> Tensor:
-        return self.get(slice(None), seed, dtype)
 
     def context(self, index: Tensor | slice, dtype: torch.dtype) -> Tensor | None:
         """One-hot labels at ``index`` (``None`` for an unconditional model)."""
@@ -176,165 +174,134 @@ class _Data:
             return None
         return F.one_hot(self.labels[index], self.classes).to(dtype)
 
-    def inputs(self, flow: Flow, index: Tensor, seed: int, dtype: torch.dtype, device: torch.device,
-               variational: bool, shard: slice | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """What the flow sees of the batch ``index``: ``(y, context, log q(u | x))``, on ``device``.
+    def batch(self, index: Tensor | slice, device: torch.device, dtype: torch.dtype,
+              part: slice | None = None) -> Batch:
+        """The examples at ``index`` as a :class:`~pushforward.objectives.Batch` on ``device``.
 
-        ``y`` is the (dequantized) data; ``log_q`` is ``None`` without a variational dequantizer.
-        The noise is seeded by ``seed``. ``shard``: this process's part of the global batch
-        ``index``. The uniform noise is drawn for the whole global batch and then sliced, so the
-        shards together are the one-process batch; the variational noise is drawn for the shard
-        only, seeded by ``(seed, shard.start)``.
+        Float data are cast to ``dtype``; ``part``: this process's rows of the global batch ``index``.
         """
-        context = self.context(index, dtype)
-        if context is not None and shard is not None:
-            context = context[shard]
-        context = None if context is None else context.to(device)
-        if variational:
-            if shard is not None:
-                index, seed = index[shard], seed_from(seed, shard.start)
-            with _seeded(seed, device):
-                y, log_q = flow.dequantizer(self.images[index].to(device), dtype)
-            return y, context, log_q
-        x = self.get(index, seed, dtype)
-        if shard is not None:
-            x = x[shard]
-        return x.to(device), context, None
+        x, context = self.x[index], self.context(index, dtype)
+        total = len(x)
+        if x.is_floating_point():
+            x = x.to(dtype)
+        if part is not None:
+            x, context = x[part], (None if context is None else context[part])
+        return Batch(x.to(device), None if context is None else context.to(device), part, total)
 
-    def nll(self, flow: Flow, index: Tensor, seed: int, dtype: torch.dtype, device: torch.device,
-            variational: bool, shard: slice | None = None) -> Tensor:
-        """Per-example training loss in nats (with gradients) of the batch of :meth:`inputs`:
-        ``-log p(y | c)``, plus ``log q(u | x)`` with the flow's variational dequantizer."""
-        y, context, log_q = self.inputs(flow, index, seed, dtype, device, variational, shard)
-        nll = -flow.log_prob(y, context)
-        return nll if log_q is None else nll + log_q
-
-    def bits_per_dim(self, nll: float) -> float | None:
+    def get(self, index: Tensor | slice, seed: int, dtype: torch.dtype) -> Tensor:
+        """The examples at ``index`` as continuous data: images dequantized uniformly with noise seeded by ``seed``."""
         if self.levels is None:
-            return None
-        from .metrics import bits_per_dim
+            return self.x[index].to(dtype)
+        from .data import dequantize
 
-        return float(bits_per_dim(nll, self.dims, self.levels))
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
-    """A block whose torch random numbers (CPU and ``device``) come from ``seed``; the global streams are untouched."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+        return dequantize(self.x[index], self.levels, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def negative_log_likelihood(flow: Flow, x: Tensor, batch_size: int, device: torch.device,
+def negative_log_likelihood(flow: nn.Module, x: Tensor, batch_size: int, device: torch.device,
                             context: Tensor | None = None) -> Tensor:
-    """Per-example NLL in nats (float64, on the CPU), evaluated in batches without gradients."""
+    """Per-example ``-flow.log_prob`` in nats (float64, on the CPU), in batches without gradients."""
     was_training = flow.training
     flow.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             c = None if context is None else context[i : i + batch_size].to(device)
-            out.append(-flow.log_prob(x[i : i + batch_size].to(device), c).double().cpu())
+            out.append(-cast(LogDensity, flow).log_prob(x[i : i + batch_size].to(device), c).double().cpu())
     flow.train(was_training)
     return torch.cat(out)
 
 
-def variational_negative_log_likelihood(flow: Flow, images: Tensor, batch_size: int, device: torch.device,
-                                        seed: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(-log p(y | c), log q(u | x))`` per example (float64, CPU) with ``u ~ q(u | x)`` from ``flow.dequantizer``.
+def _figures(model: nn.Module, objective: Objective, data: _Data, batch_size: int, seed: int,
+             device: torch.device, chunks: range | None = None) -> dict[str, Tensor]:
+    """Per-example figures of ``objective.evaluate`` (float64, CPU), in evaluation mode, without gradients.
 
-    One noise sample per image; batch ``i`` draws it with the seed ``seed_from(seed, i)``, so the
-    figures are reproducible for a given ``batch_size``. Their sum is the per-example bound on
-    ``-log P(x) - D log K`` (:mod:`pushforward.dequantization`).
+    The data are cut into chunks of ``batch_size``; chunk ``k`` draws its noise from ``(seed, k)``.
+    ``chunks``: which chunks to evaluate (default all).
     """
-    was_training = flow.training
-    flow.eval()
-    dtype = flow.dtype
-    nll, log_q = [], []
+    dtype = model_dtype(model)
+    chunks = range(math.ceil(data.n / batch_size)) if chunks is None else chunks
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[Tensor]] = {}
     with torch.no_grad():
-        for b, i in enumerate(range(0, len(images), batch_size)):
-            c = None if context is None else context[i : i + batch_size].to(device)
-            with _seeded(seed_from(seed, b), device):
-                y, lq = flow.dequantizer(images[i : i + batch_size].to(device), dtype)
-            nll.append(-flow.log_prob(y, c).double().cpu())
-            log_q.append(lq.double().cpu())
-    flow.train(was_training)
-    return torch.cat(nll), torch.cat(log_q)
+        for k in chunks:
+            batch = data.batch(slice(k * batch_size, (k + 1) * batch_size), device, dtype)
+            for name, value in objective.evaluate(model, batch, _generator(seed, k)).items():
+                out.setdefault(name, []).append(value.detach().double().cpu())
+    model.train(was_training)
+    return {name: torch.cat(values) for name, values in out.items()}
 
 
-def _sharded_mean_nll(flow: Flow, x: Tensor, context: Tensor | None, batch_size: int, device: torch.device,
-                      dist: Distributed) -> float:
-    """Mean NLL of ``x``, each process evaluating its part; the same figure on every rank."""
-    if not dist.enabled:
-        return float(negative_log_likelihood(flow, x, batch_size, device, context).mean())
-    part = dist.split(len(x))
-    xs, cs = x[part], (None if context is None else context[part])
-    if len(xs):
-        total = negative_log_likelihood(flow, xs, batch_size, device, cs).sum()
-    else:  # fewer examples than processes
-        total = torch.zeros((), dtype=torch.float64)
-    return float(dist.all_sum(total)) / len(x)
+def _reconstruction_error(flow: Flow, x: Tensor, context: Tensor | None, batch_size: int,
+                          device: torch.device) -> float:
+    """``max |f^-1(f(x)) - x|`` over ``x``, in evaluation mode."""
+    err = 0.0
+    flow.eval()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(device)
+            c = flow.embed_context(None if context is None else context[i : i + batch_size].to(device))
+            z, _ = flow.transform(xb, c)
+            back, _ = flow.transform.inverse(z, c)
+            err = max(err, float((back - xb).abs().max()))
+    return err
 
 
-def evaluate(flow: Flow, data: Any, batch_size: int = 1024, seed: int = 0, device: str = "auto",
-             reconstruction: bool = True, classes: int = 0) -> dict[str, Any]:
-    """Test NLL (nats) with its standard error, bits/dim for images, and the reconstruction error.
+def evaluate(model: nn.Module, data: Any, batch_size: int = 1024, seed: int = 0, device: str = "auto",
+             reconstruction: bool = True, classes: int = 0, objective: Objective | None = None) -> dict[str, Any]:
+    """Test figures of ``objective``: the mean loss ``nll`` (nats) with its standard error, and more.
 
-    Images are dequantized once with noise seeded by ``seed``. A flow with a variational dequantizer
-    (``flow.dequantizer``) is scored by the bound: ``nll`` / ``bpd`` are the mean of
-    ``-log p(y) + log q(u | x)`` with one ``u ~ q(u | x)`` per image (seeded; see
-    :func:`variational_negative_log_likelihood`), and ``uniform_nll`` / ``uniform_bpd`` score the
-    same model with uniform noise, for reference. ``classes > 0``: the one-hot labels are the
-    context, and the figures are the conditional ``-log p(x | label)``. ``max_reconstruction_error``
-    is ``max |f^-1(f(x)) - x|`` over the whole set.
+    ``objective=None``: :func:`pushforward.objectives.default_objective` of the model and the data
+    (for a flow with a variational dequantizer the variational bound). The data are cut into chunks
+    of ``batch_size``; chunk ``k`` draws its noise (dequantization, ``q(u | x)``, a VAE's samples) from
+    ``(seed, k)``, so the figures are reproducible for a given ``batch_size``. The report holds:
+
+    - ``nll`` / ``nll_stderr``: the objective's loss (for a bound, the bound);
+    - ``bpd`` / ``bpd_stderr`` and ``levels`` for discrete images (:func:`pushforward.metrics.bits_per_dim`);
+    - the objective's extra figures with their standard errors (``log_q``; ``recon`` and ``kl``), its
+      :meth:`~pushforward.objectives.Objective.describe` entries (``dequantization``, ``bound``) and,
+      for each of its ``references``, ``<name>_nll`` / ``<name>_bpd`` (the variational bound's
+      ``uniform_nll``: the same model scored with uniform noise);
+    - ``max_reconstruction_error = max |f^-1(f(x)) - x|`` for a :class:`~pushforward.core.Flow`
+      (``reconstruction=True``), on the data dequantized uniformly with noise seeded by ``seed``.
+
+    ``classes > 0``: the one-hot labels are the context, and the figures are the conditional
+    ``-log p(x | label)``.
     """
     from .metrics import mean_and_stderr
 
     dev = resolve_device(device) if isinstance(device, str) else device
-    flow.to(dev)
+    model.to(dev)
     d = _Data(data, classes)
-    dtype = flow.dtype
-    x = d.fixed(seed_from(seed, 2), dtype)
-    context = d.context(slice(None), dtype)
-    variational = d.images is not None and getattr(flow, "dequantizer", None) is not None
-    uniform = negative_log_likelihood(flow, x, batch_size, dev, context)
-    log_q = None
-    if variational:
-        nll_y, log_q = variational_negative_log_likelihood(flow, d.images, batch_size, dev, seed_from(seed, 4), context)
-        nll = nll_y + log_q
-    else:
-        nll = uniform
-    mean, stderr = mean_and_stderr(nll)
-    out: dict[str, Any] = {"n": d.n, "dims": d.dims, "nll": float(mean), "nll_stderr": float(stderr)}
+    objective = objective if objective is not None else default_objective(model, data)
+    objective.check(model)
+
+    def summary(prefix: str, figures: dict[str, Tensor]) -> dict[str, Any]:
+        loss = figures.pop("loss")
+        mean, stderr = mean_and_stderr(loss)
+        out: dict[str, Any] = {f"{prefix}nll": mean, f"{prefix}nll_stderr": stderr}
+        if objective.levels is not None:
+            bpd = (loss / d.dims + math.log(objective.levels)) / math.log(2)  # per example: the same formula
+            out[f"{prefix}bpd"], out[f"{prefix}bpd_stderr"] = objective.bits_per_dim(mean, d.dims), mean_and_stderr(bpd)[1]
+        if not prefix:
+            for name, values in figures.items():
+                out[name], out[f"{name}_stderr"] = mean_and_stderr(values)
+        return out
+
+    out: dict[str, Any] = {"n": d.n, "dims": d.dims, "objective": objective.name}
+    out.update(summary("", _figures(model, objective, d, batch_size, seed_from(seed, 2), dev)))
     if classes:
         out["conditional"] = f"-log p(x | label): one-hot label of {classes} classes as context"
-    if d.levels is not None:
-
-        def bpd_of(values: Tensor) -> tuple[float, float]:
-            bpd = (values / d.dims + math.log(d.levels)) / math.log(2)  # per example, same formula as bits_per_dim
-            return float(d.bits_per_dim(float(values.mean()))), float(mean_and_stderr(bpd)[1])
-
-        out["bpd"], out["bpd_stderr"] = bpd_of(nll)
-        out["levels"] = d.levels
-        out["dequantization"] = "variational" if variational else "uniform"
-        if variational:
-            out["log_q"], out["log_q_stderr"] = (float(v) for v in mean_and_stderr(log_q))
-            out["uniform_nll"], out["uniform_nll_stderr"] = (float(v) for v in mean_and_stderr(uniform))
-            out["uniform_bpd"], out["uniform_bpd_stderr"] = bpd_of(uniform)
-            out["eval_batch_size"] = batch_size  # the variational noise is seeded per batch
-    if hasattr(flow, "elbo"):  # a VAE (pushforward.vae): log_prob is a bound, so "nll" is the bound's negative
-        out["bound"] = "negative ELBO" if flow.k == 1 else f"negative IWAE (k={flow.k})"
-    if reconstruction and hasattr(flow, "transform"):  # a VAE has no bijection to invert
-        err = 0.0
-        flow.eval()
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                xb = x[i : i + batch_size].to(dev)
-                c = None if context is None else context[i : i + batch_size].to(dev)
-                z, _ = flow.transform(xb, flow.embed_context(c))
-                back, _ = flow.transform.inverse(z, flow.embed_context(c))
-                err = max(err, float((back - xb).abs().max()))
-        out["max_reconstruction_error"] = err
+    if objective.levels is not None:
+        out["levels"] = objective.levels
+    out.update(objective.describe())
+    for name, reference in objective.references.items():
+        out.update(summary(f"{name}_", _figures(model, reference, d, batch_size, seed_from(seed, 2), dev)))
+    out["eval_batch_size"] = batch_size  # the noise is seeded per chunk of this size
+    if reconstruction and isinstance(model, Flow):
+        x = d.get(slice(None), seed_from(seed, 2), model_dtype(model))
+        out["max_reconstruction_error"] = _reconstruction_error(model, x, d.context(slice(None), x.dtype), batch_size,
+                                                                dev)
     out["finite"] = all(math.isfinite(v) for v in out.values() if isinstance(v, float))
     return out
 
@@ -384,289 +351,397 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-# -- the loop --------------------------------------------------------------------------------------
-def fit(flow: Flow, train_data: Any, val_data: Any, config: TrainConfig | dict, *,
-        run_dir: str | Path | None = None, resume: bool = False,
-        callback: Callable[[int, float, Flow], None] | None = None) -> History:
-    """Trains ``flow`` by exact maximum likelihood; see the module docstring.
+# -- the loop: a fixed set-up and a mutable state ----------------------------------------------------
+def _zero_accum() -> dict[str, float]:
+    return {"nll_sum": 0.0, "count": 0, "gnorm_sum": 0.0, "steps": 0}
 
-    Args:
-        flow: a recipe-built flow (``flow.recipe`` set, so checkpoints can record it).
-        train_data: the training set: a float tensor ``(N, *event_shape)`` or an
-            :class:`~pushforward.data.ImageData` (integer images, dequantized afresh every epoch).
-        val_data: the validation set, of the same kind as ``train_data``.
-        config: a :class:`~pushforward.config.TrainConfig` (or a dict of its fields).
-        run_dir: where files go; default ``config.run_dir``; ``""``/``None`` with an empty
-            ``config.run_dir``: nothing is written (no checkpoints, no resume).
-        resume: continue from ``run_dir/checkpoint`` (same data and batch size required).
-        callback: ``callback(step, loss, flow)`` after every optimizer step; raising
-            ``KeyboardInterrupt`` there acts like Ctrl-C.
 
-    Data-dependent layers not yet initialised are initialised from the first training batch
-    (see the module docstring); to initialise from another batch, call :func:`pushforward.initialize` first.
+@dataclass
+class _Run:
+    """What one call of :func:`fit` works with; fixed after :func:`_prepare`."""
 
-    Returns:
-        The :class:`History`. ``flow`` holds the best validation weights if ``config.restore_best``.
+    model: nn.Module
+    objective: Objective
+    config: TrainConfig
+    dist: Distributed
+    train: _Data
+    val: _Data
+    out: Path | None
+    batch_size: int  # global
+    steps_per_epoch: int
+    total: int
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    dtype: torch.dtype
 
-    Raises:
-        NonFiniteLossError: a NaN/Inf loss or gradient; the message names the step. No checkpoint
-            is written for it, so the last good one stays untouched.
-    """
-    config = config_from_dict(config) if isinstance(config, dict) else config
-    from tqdm.auto import tqdm
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
 
+    def stopped_without_saving(self) -> str:
+        return "; stopped without saving" + (f" (the last good checkpoint in {self.out} is untouched)" if self.out else "")
+
+    def bpd(self, nats: float) -> float | None:
+        return self.objective.bits_per_dim(nats, self.train.dims)
+
+
+@dataclass
+class _State:
+    """The loop's progress: what a checkpoint records (JSON), plus the best weights in memory."""
+
+    history: History
+    step: int = 0
+    bad_validations: int = 0
+    accum: dict[str, float] = field(default_factory=_zero_accum)
+    best_weights: dict[str, Tensor] | None = None
+    updating: bool = False  # inside optimizer.step(): an interrupt there leaves no consistent state to save
+    last_val_step: int = -1
+
+    def record(self, run: _Run) -> dict[str, Any]:
+        """The JSON part of a checkpoint."""
+        return {
+            "step": self.step, "epoch": self.step // run.steps_per_epoch, "steps_per_epoch": run.steps_per_epoch,
+            "total_steps": run.total, "bad_validations": self.bad_validations, "accum": self.accum,
+            "history": self.history.rows, "best_val_nll": self.history.best_val_nll,
+            "best_step": self.history.best_step, "objective": repr(run.objective),
+            "train_config": run.config.to_dict(),
+            "scheduler": {"kind": "warmup_cosine", "lr": run.config.lr, "lr_min": run.config.lr_min,
+                          "warmup_steps": run.config.warmup_steps, "total_steps": run.total,
+                          "last_lr": run.optimizer.param_groups[0]["lr"]},
+        }
+
+
+@dataclass
+class _Clock:
+    """Wall time of this invocation and throughput, for the metrics rows and the progress bar."""
+
+    start: float = field(default_factory=time.monotonic)
+    since_val: list[float] = field(default_factory=lambda: [time.monotonic(), 0])  # (time, samples)
+    window: list[float] = field(default_factory=lambda: [time.monotonic(), 0])
+
+    def count(self, samples: int) -> None:
+        self.since_val[1] += samples
+        self.window[1] += samples
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _prepare(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, objective: Objective | None,
+             run_dir: str | Path | None) -> _Run:
+    """Checks everything and builds the optimizer; nothing is written yet."""
     out = Path(run_dir) if run_dir else (Path(config.run_dir) if config.run_dir else None)
+    if out is not None and getattr(model, "recipe", None) is None:
+        raise ValueError("writing a run directory needs a recipe-built model (model.recipe set), so checkpoints can "
+                         "rebuild it; train in memory with run_dir=None and config.run_dir = ''")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     dist = setup_distributed(config.device)  # one process, or this rank of torchrun's group
-    device = dist.device
-    flow.to(device)
-    dtype = flow.dtype
+    model.to(dist.device)
+    objective = objective if objective is not None else default_objective(model, train_data, config.dequantization)
+    objective.check(model)
     classes = context_classes(config)
     train, val = _Data(train_data, classes), _Data(val_data, classes)
-    variational = config.dequantization == "variational"
-    if variational and (train.images is None or getattr(flow, "dequantizer", None) is None):
-        raise ValueError(
-            "dequantization = 'variational' needs image data and a flow with a dequantizer "
-            "(pushforward.models.dequantized; pushforward.experiment.build_flow builds it from the config)"
-        )
-    if not variational and getattr(flow, "dequantizer", None) is not None:
-        raise ValueError("this flow carries a variational dequantizer: train it with dequantization = 'variational'")
     bs = min(config.batch_size, train.n)  # the global batch: split over the processes
     if bs % dist.world:
         raise ValueError(f"batch_size {bs} is the global batch size; it must be divisible by the number of "
                          f"processes ({dist.world})")
     steps_per_epoch = max(1, train.n // bs)
     total = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
-    params = [p for p in flow.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for all parameters (on CPU 5x faster than the per-tensor loop: ~15% of a small
     # flow's training step); the same update up to rounding
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    x_val = val.fixed(seed_from(config.seed, 1), dtype)
-    c_val = val.context(slice(None), dtype)
+    return _Run(model, objective, config, dist, train, val, out, bs, steps_per_epoch, total, params, optimizer,
+                model_dtype(model))
 
-    hist = History(run_dir=out)
-    step, bad, best_state = 0, 0, None
-    acc = {"nll_sum": 0.0, "count": 0, "gnorm_sum": 0.0, "steps": 0}
-    if out is not None:
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        has_ckpt = (checkpoint_dir(out) / "state.json").exists()
+
+def _open(run: _Run, resume: bool) -> _State:
+    """Resumes from ``run.out``'s checkpoint or starts afresh there (``config.json``, no stale metrics)."""
+    state = _State(History(run_dir=run.out))
+    out, main = run.out, run.dist.is_main
+    if out is None:
         if resume:
-            if not has_ckpt:
-                raise FileNotFoundError(f"cannot resume: no checkpoint in {out}")
-            record = load_checkpoint(out, flow, optimizer)
-            if record["steps_per_epoch"] != steps_per_epoch:
-                raise ValueError(
-                    f"cannot resume {out}: it ran {record['steps_per_epoch']} steps per epoch, this run "
-                    f"has {steps_per_epoch}; keep the data and batch_size of the original run"
-                )
-            step, bad, acc = record["step"], record["bad_validations"], record["accum"]
-            hist.rows, hist.best_val_nll, hist.best_step = record["history"], record["best_val_nll"], record["best_step"]
-            if dist.is_main:
-                _write_metrics(out, hist.rows, None)
-            if (out / "best.safetensors").exists():
-                from .io import load
+            raise ValueError("resume needs a run_dir")
+        torch.manual_seed(run.config.seed)
+        return state
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    has_checkpoint = (checkpoint_dir(out) / "state.json").exists()
+    if resume:
+        if not has_checkpoint:
+            raise FileNotFoundError(f"cannot resume: no checkpoint in {out}")
+        record = load_checkpoint(out, run.model, run.optimizer)
+        if record["steps_per_epoch"] != run.steps_per_epoch:
+            raise ValueError(f"cannot resume {out}: it ran {record['steps_per_epoch']} steps per epoch, this run has "
+                             f"{run.steps_per_epoch}; keep the data and batch_size of the original run")
+        if record.get("objective", repr(run.objective)) != repr(run.objective):
+            raise ValueError(f"cannot resume {out}: it was trained with {record['objective']}, this run uses "
+                             f"{run.objective!r}")
+        state.step, state.bad_validations, state.accum = record["step"], record["bad_validations"], record["accum"]
+        h = state.history
+        h.rows, h.best_val_nll, h.best_step = record["history"], record["best_val_nll"], record["best_step"]
+        state.last_val_step = h.rows[-1]["step"] if h.rows else -1
+        if main:
+            _write_metrics(out, h.rows, None)
+        if (out / "best.safetensors").exists():
+            from .io import load
 
-                best_state = load(out / "best.safetensors").state_dict()
-        else:
-            if has_ckpt:
-                raise FileExistsError(
-                    f"{out} already holds a checkpoint; resume it (resume=True, --resume) or use another run_dir"
-                )
-            for name in ("metrics.jsonl", "metrics.csv", "best.safetensors"):
-                if dist.is_main:
-                    (out / name).unlink(missing_ok=True)
-        text = json.dumps({"train": config.to_dict(), "flow": flow.recipe}, indent=1)
-        if dist.is_main:
-            atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
-    elif resume:
-        raise ValueError("resume needs a run_dir")
-    if not resume:
-        torch.manual_seed(config.seed)
+            state.best_weights = load(out / "best.safetensors").state_dict()
+    else:
+        if has_checkpoint:
+            raise FileExistsError(f"{out} already holds a checkpoint; resume it (resume=True, --resume) or use "
+                                  "another run_dir")
+        for name in ("metrics.jsonl", "metrics.csv", "best.safetensors"):
+            if main:
+                (out / name).unlink(missing_ok=True)
+        torch.manual_seed(run.config.seed)
+    text = json.dumps({"train": run.config.to_dict(), "flow": run.model.recipe}, indent=1)
+    if main:
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return state
 
-    def state() -> dict[str, Any]:
-        return {
-            "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-            "total_steps": total, "bad_validations": bad, "accum": acc, "history": hist.rows,
-            "best_val_nll": hist.best_val_nll, "best_step": hist.best_step, "train_config": config.to_dict(),
-            "scheduler": {"kind": "warmup_cosine", "lr": config.lr, "lr_min": config.lr_min,
-                          "warmup_steps": config.warmup_steps, "total_steps": total,
-                          "last_lr": optimizer.param_groups[0]["lr"]},
-        }
 
-    def checkpoint() -> None:
-        if out is not None and dist.is_main:
-            save_checkpoint(out, flow, optimizer, state())
+class _Order:
+    """The global batch of each step: epoch ``e`` visits the data in a permutation seeded from ``(seed, e)``."""
 
-    def validate() -> dict[str, Any]:
-        nonlocal bad, best_state, acc
-        log_q = None
-        if variational:  # the bound, with one seeded u ~ q(u | x) per image (every rank: the whole set)
-            nll_y, log_q = variational_negative_log_likelihood(
-                flow, val.images, config.eval_batch_size, device, seed_from(config.seed, 1), c_val)
-            nll = float((nll_y + log_q).mean())
-        else:
-            nll = _sharded_mean_nll(flow, x_val, c_val, config.eval_batch_size, device, dist)
-        if not math.isfinite(nll):
-            raise NonFiniteLossError(
-                f"validation NLL is {nll} after step {step}; stopped without saving"
-                + (f" (the last good checkpoint in {out} is untouched)" if out else "")
-            )
-        row: dict[str, Any] = {"step": step, "epoch": round(step / steps_per_epoch, 4)}
-        row["train_nll"] = acc["nll_sum"] / max(1, acc["count"])
-        row["val_nll"] = nll
-        if val.levels is not None:
-            row["train_bpd"] = train.bits_per_dim(row["train_nll"])
-            row["val_bpd"] = val.bits_per_dim(nll)
-        if log_q is not None:
-            row["val_log_q"] = float(log_q.mean())
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        row["grad_norm"] = acc["gnorm_sum"] / max(1, acc["steps"])
-        row["elapsed_s"] = round(time.monotonic() - t0, 3)
-        row["samples_per_s"] = round(since_val[1] / max(1e-9, time.monotonic() - since_val[0]), 1)
-        improved = hist.best_val_nll is None or nll < hist.best_val_nll
-        row["best"] = improved
-        if improved:
-            hist.best_val_nll, hist.best_step, bad = nll, step, 0
-            best_state = {k: v.detach().clone().cpu() for k, v in flow.state_dict().items()}
-            if out is not None and dist.is_main:
-                save(flow, out / "best.safetensors")
-        else:
-            bad += 1
-        hist.rows.append(row)
-        acc = {"nll_sum": 0.0, "count": 0, "gnorm_sum": 0.0, "steps": 0}
-        if out is not None and dist.is_main:
-            _write_metrics(out, hist.rows, row)
-        return row
+    def __init__(self, run: _Run):
+        self.run, self.epoch, self.perm = run, -1, torch.empty(0, dtype=torch.long)
 
-    # Data-dependent layers (ActNorm) are initialised explicitly from the first training batch, before
-    # anything evaluates the flow. Layers already initialised (a resumed run, a loaded flow, or
-    # pushforward.initialize called by the user) keep their parameters: resuming is exact.
-    flow.train()
-    pending = [m for m in data_dependent(flow) if not bool(m.initialized)]
+    def batch(self, step: int) -> tuple[Batch, torch.Generator]:
+        """This process's part of step ``step``'s batch, and the generator of its noise."""
+        run = self.run
+        epoch, pos = divmod(step, run.steps_per_epoch)
+        if epoch != self.epoch:
+            self.perm = torch.randperm(run.train.n, generator=_generator(run.config.seed, 0, epoch))
+            self.epoch = epoch
+        index = self.perm[pos * run.batch_size : (pos + 1) * run.batch_size]
+        part = run.dist.shard(run.batch_size) if run.dist.enabled else None
+        return run.train.batch(index, run.device, run.dtype, part), _generator(run.config.seed, 3, epoch, pos)
+
+
+class _FirstBatch(nn.Module):
+    """``forward(...) = objective.loss(model, batch, generator)``: the model run on the batch as the
+    objective presents it, which is what :func:`~pushforward.initialization.initialize_layers` runs."""
+
+    def __init__(self, model: nn.Module, objective: Objective, batch: Batch, generator: torch.Generator):
+        super().__init__()
+        self.model, self.objective, self.batch, self.generator = model, objective, batch, generator
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.objective.loss(self.model, self.batch, self.generator)
+
+
+def _initialise(run: _Run, state: _State, order: _Order) -> None:
+    """Initialises the data-dependent layers not yet initialised (ActNorm) from this step's training batch."""
+    pending = [m for m in data_dependent(run.model) if not bool(m.initialized)]
     if pending:
-        epoch, pos = divmod(step, steps_per_epoch)
-        g = torch.Generator().manual_seed(seed_from(config.seed, 0, epoch))
-        idx = torch.randperm(train.n, generator=g)[pos * bs : (pos + 1) * bs]
-        with torch.no_grad():
-            y, c, _ = train.inputs(flow, idx, seed_from(config.seed, 3, epoch, pos), dtype, device, variational,
-                                   dist.shard(bs) if dist.enabled else None)
-        initialize_layers(flow, y, c, pending)
-        del y, c
+        batch, generator = order.batch(state.step)
+        initialize_layers(_FirstBatch(run.model, run.objective, batch, generator), batch.x, batch.context, pending)
 
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not (config.progress and dist.is_main),
-               mininterval=0.5, desc=f"train {config.data}", leave=True)
-    say = bar.write if dist.is_main else (lambda msg: None)
-    step_fn = LossStep(flow, dist, amp=config.amp, compile=config.compile, checkpoint_grads=config.checkpoint_grads)
-    t0 = time.monotonic()
-    since_val = [t0, 0]  # throughput since the last validation (this invocation only)
-    perm, perm_epoch, updating, last_val_step = None, -1, False, (hist.rows[-1]["step"] if hist.rows else -1)
-    window = [time.monotonic(), 0]
-    reason = ""
-    flow.train()
+
+def _optimizer_step(run: _Run, state: _State, loss_step: LossStep, batch: Batch, generator: torch.Generator) -> float:
+    """One update on ``batch``; returns the global batch's mean loss per example."""
+    losses = loss_step(run.objective.loss, batch, generator)
+    batch_loss = float(run.dist.all_sum(losses.detach().sum())) / batch.size  # global batch, every rank
+    epoch = state.step // run.steps_per_epoch
+    if not math.isfinite(batch_loss):
+        raise NonFiniteLossError(
+            f"non-finite training loss ({batch_loss / run.train.dims}) at step {state.step + 1} (epoch {epoch}); "
+            "stopped without saving" + (f", the last good checkpoint in {run.out} is untouched" if run.out else "")
+            + "; try a lower lr or a smaller clip"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    (losses.mean() / run.train.dims).backward()
+    if run.config.clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(run.params, run.config.clip)
+    else:
+        gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.params if p.grad is not None]))
+    if not bool(torch.isfinite(gnorm)):
+        raise NonFiniteLossError(
+            f"non-finite gradient norm at step {state.step + 1} (epoch {epoch}); stopped without saving"
+            + (f", the last good checkpoint in {run.out} is untouched" if run.out else "")
+        )
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(state.step, run.config, run.total)
+    state.updating = True
+    run.optimizer.step()
+    state.step += 1
+    state.updating = False
+    acc = state.accum
+    acc["nll_sum"] += batch_loss * batch.size
+    acc["count"] += batch.size
+    acc["gnorm_sum"] += float(gnorm)
+    acc["steps"] += 1
+    return batch_loss
+
+
+def _validation_figures(run: _Run) -> dict[str, float]:
+    """Mean validation figures of the objective, each process evaluating its chunks; the same on every rank."""
+    size = run.config.eval_batch_size
+    n_chunks = math.ceil(run.val.n / size)
+    mine = run.dist.split(n_chunks)
+    # a process without a chunk evaluates the first one and counts it zero times, so that every process
+    # knows the names of the figures and takes part in the sum
+    chunks, weight = (range(mine.start, mine.stop), 1.0) if mine.stop > mine.start else (range(1), 0.0)
+    figures = _figures(run.model, run.objective, run.val, size, seed_from(run.config.seed, 1), run.device, chunks)
+    sums = run.dist.all_sum(torch.stack([v.sum() * weight for v in figures.values()]))
+    return {name: float(s) / run.val.n for name, s in zip(figures, sums)}
+
+
+def _validate(run: _Run, state: _State, clock: _Clock) -> dict[str, Any]:
+    """Validates, appends the metrics row, keeps the best weights and counts validations without improvement."""
+    figures = _validation_figures(run)
+    nll = figures.pop("loss")
+    if not math.isfinite(nll):
+        raise NonFiniteLossError(f"validation NLL is {nll} after step {state.step}{run.stopped_without_saving()}")
+    acc, h = state.accum, state.history
+    row: dict[str, Any] = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4)}
+    row["train_nll"] = acc["nll_sum"] / max(1, acc["count"])
+    row["val_nll"] = nll
+    if run.objective.levels is not None:
+        row["train_bpd"], row["val_bpd"] = run.bpd(row["train_nll"]), run.bpd(nll)
+    row.update({f"val_{name}": value for name, value in figures.items()})
+    row["lr"] = run.optimizer.param_groups[0]["lr"]
+    row["grad_norm"] = acc["gnorm_sum"] / max(1, acc["steps"])
+    row["elapsed_s"] = round(clock.elapsed(), 3)
+    row["samples_per_s"] = round(clock.since_val[1] / max(1e-9, time.monotonic() - clock.since_val[0]), 1)
+    row["best"] = h.best_val_nll is None or nll < h.best_val_nll
+    if row["best"]:
+        h.best_val_nll, h.best_step, state.bad_validations = nll, state.step, 0
+        state.best_weights = {k: v.detach().clone().cpu() for k, v in run.model.state_dict().items()}
+        if run.out is not None and run.dist.is_main:
+            save(cast(Flow, run.model), run.out / "best.safetensors")  # a recipe-built model (_prepare)
+    else:
+        state.bad_validations += 1
+    h.rows.append(row)
+    state.accum = _zero_accum()
+    state.last_val_step = state.step
+    clock.since_val[:] = [time.monotonic(), 0]
+    if run.out is not None and run.dist.is_main:
+        _write_metrics(run.out, h.rows, row)
+    return row
+
+
+def _checkpoint(run: _Run, state: _State) -> None:
+    if run.out is not None and run.dist.is_main:
+        save_checkpoint(run.out, run.model, run.optimizer, state.record(run))
+
+
+def _show(run: _Run, state: _State, clock: _Clock, bar, batch_loss: float) -> None:
+    """The progress bar's figures, every 10 steps."""
+    if state.step % 10 and state.step != run.total:
+        return
+    now = time.monotonic()
+    post = {"nll": f"{batch_loss:.3f}"}
+    if run.objective.levels is not None:
+        post["bpd"] = f"{run.bpd(batch_loss):.3f}"
+    post["samples/s"] = f"{clock.window[1] / max(1e-9, now - clock.window[0]):.0f}"
+    best = state.history.best_val_nll
+    if best is not None:
+        post["best_val"] = f"{run.bpd(best) if run.objective.levels is not None else best:.3f}"
+    bar.set_postfix(post, refresh=False)
+    clock.window[:] = [now, 0]
+
+
+def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say: Callable[[str], None],
+          interrupt: _Interrupt, callback: Callable[[int, float, nn.Module], None] | None) -> str:
+    """Steps until the step budget, early stopping, the clock or an interrupt ends training; returns why."""
+    clock = _Clock()
+    config = run.config
+    while state.step < run.total:
+        batch, generator = order.batch(state.step)
+        batch_loss = _optimizer_step(run, state, loss_step, batch, generator)
+        clock.count(batch.size)
+        bar.update(1)
+        _show(run, state, clock, bar, batch_loss)
+        if callback is not None:
+            try:
+                callback(state.step, batch_loss / run.train.dims, run.model)
+            except KeyboardInterrupt:
+                if not run.dist.enabled:
+                    raise
+                interrupt.requested = True  # stop all ranks together, after this step
+        due = (state.step % config.val_every == 0 if config.val_every > 0
+               else state.step % run.steps_per_epoch == 0)
+        if due or state.step == run.total:
+            row = _validate(run, state, clock)
+            _checkpoint(run, state)
+            bpd = f" ({row['val_bpd']:.4f} bits/dim)" if "val_bpd" in row else ""
+            say(f"step {state.step}: val NLL {row['val_nll']:.4f}{bpd}" + (" *" if row["best"] else ""))
+            if config.patience > 0 and state.bad_validations >= config.patience:
+                return "early_stopping"
+        out_of_time = config.max_minutes > 0 and clock.elapsed() > 60 * config.max_minutes
+        # any rank's Ctrl-C or clock stops every rank at this same step
+        interrupt.requested, out_of_time = run.dist.any(interrupt.requested, out_of_time)
+        if interrupt.requested:
+            raise KeyboardInterrupt
+        if out_of_time:
+            if state.last_val_step != state.step:
+                _validate(run, state, clock)
+            _checkpoint(run, state)
+            return "time"
+    return "completed"
+
+
+def fit(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig | dict, *,
+        objective: Objective | None = None, run_dir: str | Path | None = None, resume: bool = False,
+        callback: Callable[[int, float, nn.Module], None] | None = None) -> History:
+    """Trains ``model`` by minimising ``objective``; see the module docstring.
+
+    Args:
+        model: the model; to write a run directory, a recipe-built one (``model.recipe`` set, so
+            checkpoints can rebuild it). Any ``nn.Module`` that ``objective`` can score trains in memory.
+        train_data: the training set: a float tensor ``(N, *event_shape)`` or an
+            :class:`~pushforward.data.ImageData` (integer images).
+        val_data: the validation set, of the same kind as ``train_data``.
+        config: a :class:`~pushforward.config.TrainConfig` (or a dict of its fields).
+        objective: what to minimise (:mod:`pushforward.objectives`); ``None``:
+            ``default_objective(model, train_data, config.dequantization)``.
+        run_dir: where files go; default ``config.run_dir``; ``""``/``None`` with an empty
+            ``config.run_dir``: nothing is written (no checkpoints, no resume).
+        resume: continue from ``run_dir/checkpoint`` (same data, batch size and objective required).
+        callback: ``callback(step, loss, model)`` after every optimizer step (``loss``: the batch's
+            mean loss per dimension); raising ``KeyboardInterrupt`` there acts like Ctrl-C.
+
+    Data-dependent layers not yet initialised are initialised from the first training batch
+    (see the module docstring); to initialise from another batch, call :func:`pushforward.initialize` first.
+
+    Returns:
+        The :class:`History`. ``model`` holds the best validation weights if ``config.restore_best``.
+
+    Raises:
+        NonFiniteLossError: a NaN/Inf loss or gradient; the message names the step. No checkpoint
+            is written for it, so the last good one stays untouched.
+    """
+    config = config_from_dict(config) if isinstance(config, dict) else config
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+    run = _prepare(model, train_data, val_data, config, objective, run_dir)
+    state = _open(run, resume)
+    order = _Order(run)
+    model.train()
+    _initialise(run, state, order)
+    bar = tqdm(total=run.total, initial=state.step, unit="step", dynamic_ncols=True, mininterval=0.5,
+               disable=not (config.progress and run.dist.is_main), desc=f"train {config.data}", leave=True)
+    say = bar.write if run.dist.is_main else (lambda msg: None)
+    loss_step = LossStep(model, run.dist, amp=config.amp, compile=config.compile,
+                         checkpoint_grads=config.checkpoint_grads)
     try:
-        with _Interrupt(say, grace=2.0 if dist.enabled else 0.0) as interrupt:
-            while True:
-                if step >= total:
-                    reason = "completed"
-                    break
-                epoch, pos = divmod(step, steps_per_epoch)
-                if perm_epoch != epoch:
-                    g = torch.Generator().manual_seed(seed_from(config.seed, 0, epoch))
-                    perm, perm_epoch = torch.randperm(train.n, generator=g), epoch
-                idx = perm[pos * bs : (pos + 1) * bs]
-                # this rank's share of the global batch (DDP averages the gradients over the ranks)
-                nll = step_fn(train.nll, idx, seed_from(config.seed, 3, epoch, pos), dtype, device, variational,
-                              dist.shard(bs) if dist.enabled else None)
-                loss = nll.mean() / train.dims
-                batch_nll = float(dist.all_sum(nll.detach().sum())) / len(idx)  # global batch, every rank
-                if not math.isfinite(batch_nll):
-                    raise NonFiniteLossError(
-                        f"non-finite training loss ({batch_nll / train.dims}) at step {step + 1} (epoch {epoch}); "
-                        "stopped without saving" + (f", the last good checkpoint in {out} is untouched" if out else "")
-                        + "; try a lower lr or a smaller clip"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip > 0:
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, config.clip)
-                else:
-                    gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                if not bool(torch.isfinite(gnorm)):
-                    raise NonFiniteLossError(
-                        f"non-finite gradient norm at step {step + 1} (epoch {epoch}); stopped without saving"
-                        + (f", the last good checkpoint in {out} is untouched" if out else "")
-                    )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, config, total)
-                updating = True
-                optimizer.step()
-                step += 1
-                updating = False
-                acc["nll_sum"] += batch_nll * len(idx)
-                acc["count"] += len(idx)
-                acc["gnorm_sum"] += float(gnorm)
-                acc["steps"] += 1
-                window[1] += len(idx)
-                since_val[1] += len(idx)
-                bar.update(1)
-                if step % 10 == 0 or step == total:
-                    now = time.monotonic()
-                    post = {"nll": f"{batch_nll:.3f}"}
-                    if train.levels is not None:
-                        post["bpd"] = f"{train.bits_per_dim(batch_nll):.3f}"
-                    post["samples/s"] = f"{window[1] / max(1e-9, now - window[0]):.0f}"
-                    if hist.best_val_nll is not None:
-                        best = val.bits_per_dim(hist.best_val_nll) if val.levels else hist.best_val_nll
-                        post["best_val"] = f"{best:.3f}"
-                    bar.set_postfix(post, refresh=False)
-                    window[:] = [now, 0]
-                if callback is not None:
-                    try:
-                        callback(step, batch_nll / train.dims, flow)
-                    except KeyboardInterrupt:
-                        if not dist.enabled:
-                            raise
-                        interrupt.requested = True  # stop all ranks together, after this step
-                end_epoch = step % steps_per_epoch == 0
-                due = step % config.val_every == 0 if config.val_every > 0 else end_epoch
-                if due or step == total:
-                    row = validate()
-                    last_val_step = step
-                    since_val[:] = [time.monotonic(), 0]
-                    checkpoint()
-                    msg = f"step {step}: val NLL {row['val_nll']:.4f}"
-                    if "val_bpd" in row:
-                        msg += f" ({row['val_bpd']:.4f} bits/dim)"
-                    say(msg + (" *" if row["best"] else ""))
-                    if config.patience > 0 and bad >= config.patience:
-                        reason = "early_stopping"
-                        break
-                out_of_time = config.max_minutes > 0 and time.monotonic() - t0 > 60 * config.max_minutes
-                # any rank's Ctrl-C or clock stops every rank at this same step
-                interrupt.requested, out_of_time = dist.any(interrupt.requested, out_of_time)
-                if interrupt.requested:
-                    raise KeyboardInterrupt
-                if out_of_time:
-                    if last_val_step != step:
-                        validate()
-                        last_val_step = step
-                    checkpoint()
-                    reason = "time"
-                    break
+        with _Interrupt(say, grace=2.0 if run.dist.enabled else 0.0) as interrupt:
+            reason = _loop(run, state, order, loss_step, bar, say, interrupt, callback)
     except KeyboardInterrupt:
         reason = "interrupted"
-        if updating:
-            say(f"interrupted inside an optimizer step; no checkpoint written at step {step}")
+        if state.updating:
+            say(f"interrupted inside an optimizer step; no checkpoint written at step {state.step}")
         else:
-            checkpoint()
+            _checkpoint(run, state)
     finally:
         bar.close()
-        step_fn.close()
-    hist.stop_reason, hist.step = reason, step
-    if config.restore_best and best_state is not None:
-        flow.load_state_dict({k: v.to(device) for k, v in best_state.items()})
-    flow.eval()
-    dist.close()  # waits for rank 0's last checkpoint; ends a process group that fit started
-    return hist
+        loss_step.close()
+    state.history.stop_reason, state.history.step = reason, state.step
+    if config.restore_best and state.best_weights is not None:
+        model.load_state_dict({k: v.to(run.device) for k, v in state.best_weights.items()})
+    model.eval()
+    run.dist.close()  # waits for rank 0's last checkpoint; ends a process group that fit started
+    return state.history

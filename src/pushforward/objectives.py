@@ -1,0 +1,402 @@
+"""What training minimises: one small object per objective.
+
+:func:`pushforward.train.fit` and :func:`pushforward.train.evaluate` call nothing but this interface,
+so a new objective (flow matching, noise-augmented NLL) is one class here and no change to the loop.
+An :class:`Objective` has
+
+- ``loss(model, batch, generator) -> Tensor``: the quantity training minimises, one value per example
+  (shape ``(B,)``), in ``unit`` (nats for every objective here), differentiable in the model's
+  parameters. The loop minimises its mean divided by the data's dimension.
+- ``evaluate(model, batch, generator) -> dict[str, Tensor]``: per-example figures for validation and
+  reports, computed without gradients: ``"loss"`` and any extras (the variational dequantizer's
+  ``"log_q"``, the ELBO's ``"recon"`` and ``"kl"``). By default ``{"loss": loss(...)}``.
+- ``check(model)``: a clear error before anything runs when the model lacks what the objective needs.
+- what reports say about the figure: ``name``, ``unit``, ``is_bound`` (an upper bound on the negative
+  log-likelihood rather than the value itself), ``levels`` (grey levels of discrete data, for
+  bits/dim), :meth:`~Objective.describe` (entries for ``evaluate``'s report) and ``references``
+  (other objectives scoring the same model, reported alongside).
+
+Randomness. ``generator`` is a CPU :class:`torch.Generator` that the loop seeds for each batch (the
+same on every process). Noise per example is drawn with :meth:`Batch.draw`, which draws it for the
+whole global batch and keeps this process's rows, so ``N`` processes see exactly the noise of the
+one-process run. Randomness inside the model (the VAE's reparameterisation, the variational
+dequantizer's ``q(u | x)``) runs under :func:`seeded_rng`, which seeds torch's global generator from
+``generator`` for the duration of the call: validation figures are reproducible and a resumed run
+draws what the uninterrupted one drew.
+
+The objectives: :class:`NLL` (exact, continuous data), :class:`UniformDequantization` and
+:class:`VariationalDequantization` (bounds for discrete images, around a continuous objective),
+:class:`ELBO` (a VAE's ELBO or IWAE_k). :func:`default_objective` is the one place that picks an
+objective for a model and its data.
+
+References:
+    Theis, van den Oord & Bethge, "A note on the evaluation of generative models", 2016.
+    Ho, Chen, Srinivas, Duan & Abbeel, "Flow++", 2019, section 3.1.
+    Kingma & Welling, "Auto-Encoding Variational Bayes", 2014.
+    Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", 2016.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import torch
+from torch import Tensor, nn
+
+from .metrics import bits_per_dim
+
+__all__ = [
+    "ELBO", "NLL", "Batch", "Dequantized", "LatentVariableModel", "LogDensity", "Objective", "UniformDequantization",
+    "VariationalDequantization", "default_objective", "model_dtype", "seeded_rng",
+]
+
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1: dequantized values stay in [0, 1)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch as an objective sees it: this process's examples of a global batch.
+
+    Attributes:
+        x: ``(B, *event_shape)``: continuous data in the model's dtype, or integer images
+            (``0 .. levels - 1``), on the model's device.
+        context: ``(B, context_features)`` or ``None``.
+        part: the rows of the global batch that ``x`` holds (one process's share under
+            ``torchrun``); ``None``: ``x`` is the whole batch.
+        total: the number of examples of the global batch (``len(x)`` when ``part`` is ``None``).
+    """
+
+    x: Tensor
+    context: Tensor | None = None
+    part: slice | None = None
+    total: int | None = None
+
+    @property
+    def size(self) -> int:
+        """The number of examples of the global batch."""
+        return len(self.x) if self.total is None else self.total
+
+    def draw(self, sample: Callable[[int], Tensor]) -> Tensor:
+        """``sample(n)`` for the ``n`` examples of the global batch, restricted to this batch's rows.
+
+        ``sample`` returns one row per example (e.g. ``lambda n: torch.rand(n, *shape, generator=g)``);
+        drawing for the global batch and slicing makes the noise independent of the number of processes.
+        """
+        rows = sample(self.size)
+        return rows if self.part is None else rows[self.part]
+
+    def replace(self, **changes: Any) -> Batch:
+        """A copy with some fields changed (e.g. ``batch.replace(x=y)``)."""
+        return dataclasses.replace(self, **changes)
+
+
+class LogDensity(Protocol):
+    """What :class:`NLL` needs of a model: ``log_prob(x, context) -> (B,)``."""
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor: ...
+
+
+class LatentVariableModel(Protocol):
+    """What :class:`ELBO` needs of a model (:class:`~pushforward.vae.VAE`)."""
+
+    def elbo(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def iwae(self, x: Tensor, k: int, context: Tensor | None = None) -> Tensor: ...
+
+
+class Dequantized(Protocol):
+    """What :class:`VariationalDequantization` needs of a model: ``dequantizer(x, dtype) -> (y, log_q)``."""
+
+    dequantizer: Callable[[Tensor, torch.dtype], tuple[Tensor, Tensor]]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating-point dtype of ``model``: that of its first floating parameter (or buffer)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+@contextlib.contextmanager
+def seeded_rng(batch: Batch, generator: torch.Generator) -> Iterator[None]:
+    """A block in which torch's global generators (CPU and ``batch.x``'s device) are seeded from ``generator``.
+
+    The seed is drawn per example of the global batch (:meth:`Batch.draw`) and the first of this
+    batch's rows is used, so each process of a ``torchrun`` group draws different noise. The global
+    generators are restored afterwards.
+    """
+    seed = int(batch.draw(lambda n: torch.randint(0, 2**62, (n,), generator=generator))[0])
+    device = batch.x.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+class Objective(ABC):
+    """What training minimises; see the module docstring. Subclasses implement :meth:`loss`.
+
+    Attributes:
+        name: a short identifier (``"nll"``, ``"elbo"``, ...), recorded in checkpoints and reports.
+        unit: the unit of :meth:`loss` per example (``"nats"``).
+        is_bound: the loss is an upper bound on the negative log-likelihood, not the value itself.
+        levels: grey levels of the discrete data the figure is reported for in bits/dim (``None``:
+            continuous data, no bits/dim).
+    """
+
+    name: str = "objective"
+    unit: str = "nats"
+    is_bound: bool = False
+    levels: int | None = None
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        """The per-example loss ``(B,)`` of ``batch``, differentiable in ``model``'s parameters."""
+
+    def evaluate(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Tensor]:
+        """Per-example figures ``(B,)`` for reports: ``"loss"`` and any extras. Called under ``no_grad``."""
+        return {"loss": self.loss(model, batch, generator)}
+
+    def check(self, model: nn.Module) -> None:
+        """Raises ``TypeError`` when ``model`` lacks what this objective needs (nothing by default)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Entries that :func:`pushforward.train.evaluate` adds to its report."""
+        return {}
+
+    @property
+    def references(self) -> dict[str, Objective]:
+        """Other objectives that score the same model, reported as ``<name>_nll`` etc. by ``evaluate``."""
+        return {}
+
+    def bits_per_dim(self, nats: float, dims: int) -> float | None:
+        """``nats`` per example as bits per dimension of the discrete data; ``None`` without ``levels``."""
+        return None if self.levels is None else float(bits_per_dim(nats, dims, self.levels))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NLL(Objective):
+    """The exact negative log-likelihood ``-log p(x | context)`` of continuous data, in nats.
+
+    Calls ``model.log_prob(x, context)``: any model with that method (a :class:`~pushforward.core.Flow`,
+    or your own module) trains with it.
+    """
+
+    name = "nll"
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        if not batch.x.is_floating_point():
+            raise TypeError(f"NLL needs continuous data, got {batch.x.dtype}; discrete images are trained with "
+                            "UniformDequantization(levels) or VariationalDequantization(levels)")
+        return -cast(LogDensity, model).log_prob(batch.x, batch.context)
+
+
+class ELBO(Objective):
+    """A VAE's negative ELBO (``k = 1``) or negative ``IWAE_k`` (``k > 1``), an upper bound on ``-log p(x)``.
+
+    Calls ``model.elbo(x, context)`` or ``model.iwae(x, k, context)`` (:class:`~pushforward.vae.VAE`);
+    the reparameterisation noise is drawn under :func:`seeded_rng`. With ``k = 1``, :meth:`evaluate`
+    also reports the two terms: ``recon = E_q[log p(x | z)]`` and ``kl = KL(q(z | x) || p(z))``.
+
+    Args:
+        k: importance samples.
+
+    References:
+        Kingma & Welling, "Auto-Encoding Variational Bayes", 2014; Burda, Grosse & Salakhutdinov,
+        "Importance Weighted Autoencoders", 2016.
+    """
+
+    is_bound = True
+
+    def __init__(self, k: int = 1):
+        if k < 1:
+            raise ValueError(f"ELBO needs k >= 1 importance samples, got {k}")
+        self.k = k
+        self.name = "elbo" if k == 1 else f"iwae{k}"
+
+    def _terms(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> tuple[Tensor, ...]:
+        vae = cast(LatentVariableModel, model)
+        with seeded_rng(batch, generator):
+            if self.k == 1:
+                return vae.elbo(batch.x, batch.context)
+            return (vae.iwae(batch.x, self.k, batch.context),)
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        return -self._terms(model, batch, generator)[0]
+
+    def evaluate(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Tensor]:
+        terms = self._terms(model, batch, generator)
+        if self.k == 1:
+            return {"loss": -terms[0], "recon": terms[1], "kl": terms[2]}
+        return {"loss": -terms[0]}
+
+    def check(self, model: nn.Module) -> None:
+        if not callable(getattr(model, "elbo" if self.k == 1 else "iwae", None)):
+            raise TypeError(f"{self!r} needs a latent-variable model with elbo(x, context) and iwae(x, k, context) "
+                            f"(pushforward.vae.VAE), got a {type(model).__name__}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"bound": "negative ELBO" if self.k == 1 else f"negative IWAE (k={self.k})"}
+
+    def __repr__(self) -> str:
+        return f"ELBO(k={self.k})"
+
+
+class UniformDequantization(Objective):
+    """The uniform-dequantization bound on discrete images: ``objective`` on ``y = (x + u) / levels``.
+
+    ``u ~ U[0, 1)^D`` is drawn afresh for every batch (float32, from ``generator``; ``y`` is then cast
+    to the model's dtype). The loss is ``objective``'s loss of ``y`` (default :class:`NLL`:
+    ``-log p(y)``), and ``NLL(y) + D log levels`` bounds the code length of the discrete ``x``, so
+    bits/dim ``= (loss + D ln levels) / (D ln 2)`` (:func:`pushforward.metrics.bits_per_dim`).
+
+    Args:
+        levels: grey levels ``K`` of the data (integers ``0 .. K - 1``).
+        objective: the continuous objective applied to ``y`` (:class:`NLL`, or :class:`ELBO` for a VAE).
+
+    References:
+        Theis, van den Oord & Bethge, "A note on the evaluation of generative models", 2016.
+    """
+
+    is_bound = True
+    levels: int
+
+    def __init__(self, levels: int, objective: Objective | None = None):
+        if levels < 2:
+            raise ValueError(f"UniformDequantization needs levels >= 2, got {levels}")
+        self.levels = levels
+        self.objective = objective if objective is not None else NLL()
+        self.name = f"uniform_dequantization({self.objective.name})"
+
+    def dequantize(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Batch:
+        """The batch with ``x`` replaced by ``y = (x + u) / levels`` in ``[0, 1)``, in the model's dtype."""
+        x = batch.x
+        if x.is_floating_point() or x.is_complex():
+            raise TypeError(f"uniform dequantization needs integer images in [0, {self.levels - 1}], got {x.dtype}")
+        u = batch.draw(lambda n: torch.rand((n, *x.shape[1:]), generator=generator, dtype=torch.float32))
+        y = ((x.to(torch.float32) + u.to(x.device)) / self.levels).clamp_(max=_BELOW_ONE)
+        return batch.replace(x=y.to(model_dtype(model)))
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        return self.objective.loss(model, self.dequantize(model, batch, generator), generator)
+
+    def evaluate(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Tensor]:
+        return self.objective.evaluate(model, self.dequantize(model, batch, generator), generator)
+
+    def check(self, model: nn.Module) -> None:
+        self.objective.check(model)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dequantization": "uniform", **self.objective.describe()}
+
+    def __repr__(self) -> str:
+        return f"UniformDequantization(levels={self.levels}, objective={self.objective!r})"
+
+
+class VariationalDequantization(Objective):
+    """The variational-dequantization bound (Flow++): ``objective(y) + log q(u | x)`` with ``u ~ q(u | x)``.
+
+    ``q`` is the model's own dequantizer, ``(y, log_q) = model.dequantizer(x, dtype)``
+    (:func:`pushforward.models.dequantized` attaches one), so the same optimizer trains both and DDP
+    averages both gradients. One ``u`` per image, drawn under :func:`seeded_rng`. By Jensen,
+    ``-log P(x) <= E_q[-log p(y) + log q(u | x)] + D log K``: the bits/dim formula is that of
+    :class:`UniformDequantization`, which ``references`` holds to score the same model with uniform noise.
+
+    Args:
+        levels: grey levels ``K`` of the data.
+        objective: the continuous objective applied to ``y`` (default :class:`NLL`).
+
+    References:
+        Ho, Chen, Srinivas, Duan & Abbeel, "Flow++", 2019, section 3.1.
+    """
+
+    is_bound = True
+    levels: int
+
+    def __init__(self, levels: int, objective: Objective | None = None):
+        if levels < 2:
+            raise ValueError(f"VariationalDequantization needs levels >= 2, got {levels}")
+        self.levels = levels
+        self.objective = objective if objective is not None else NLL()
+        self.name = f"variational_dequantization({self.objective.name})"
+
+    def dequantize(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> tuple[Batch, Tensor]:
+        """The batch with ``x`` replaced by ``y = (x + u) / levels``, ``u ~ q(u | x)``, and ``log q(u | x)`` ``(B,)``."""
+        if batch.x.is_floating_point():
+            raise TypeError(f"variational dequantization needs integer images, got {batch.x.dtype}")
+        with seeded_rng(batch, generator):
+            y, log_q = cast(Dequantized, model).dequantizer(batch.x, model_dtype(model))
+        return batch.replace(x=y), log_q
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        y, log_q = self.dequantize(model, batch, generator)
+        return self.objective.loss(model, y, generator) + log_q
+
+    def evaluate(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Tensor]:
+        y, log_q = self.dequantize(model, batch, generator)
+        figures = self.objective.evaluate(model, y, generator)
+        return {**figures, "loss": figures["loss"] + log_q, "log_q": log_q}
+
+    def check(self, model: nn.Module) -> None:
+        if not isinstance(getattr(model, "dequantizer", None), nn.Module):
+            raise TypeError(f"{self!r} needs a model with a dequantizer q(u | x) (pushforward.models.dequantized), "
+                            f"got a {type(model).__name__} without one")
+        self.objective.check(model)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dequantization": "variational", **self.objective.describe()}
+
+    @property
+    def references(self) -> dict[str, Objective]:
+        return {"uniform": UniformDequantization(self.levels, self.objective)}
+
+    def __repr__(self) -> str:
+        return f"VariationalDequantization(levels={self.levels}, objective={self.objective!r})"
+
+
+def default_objective(model: nn.Module, data: Any, dequantization: str | None = None) -> Objective:
+    """The objective a model is trained and scored with by default: the one place that chooses it.
+
+    - the density part: :class:`ELBO` with the VAE's own ``k`` for a :class:`~pushforward.vae.VAE`,
+      else the exact :class:`NLL`;
+    - discrete images (:class:`~pushforward.data.ImageData`) wrap it in a dequantization bound:
+      :class:`VariationalDequantization` with ``dequantization = "variational"``, else
+      :class:`UniformDequantization`; continuous data (a float tensor) take it as it is.
+
+    Args:
+        model: the model to train or score.
+        data: its training (or test) data: a float tensor or an ``ImageData``.
+        dequantization: ``"uniform"`` or ``"variational"`` (``TrainConfig.dequantization``);
+            ``None``: variational when ``model`` carries a dequantizer and the data are images.
+
+    Raises:
+        ValueError: ``"variational"`` without image data or without a dequantizer on the model,
+            ``"uniform"`` for a model that carries one, or an unknown ``dequantization``.
+    """
+    from .data.images import ImageData
+    from .dequantization import VariationalDequantizer
+    from .vae import VAE
+
+    density: Objective = ELBO(model.k) if isinstance(model, VAE) else NLL()
+    levels = int(data.levels) if isinstance(data, ImageData) else None
+    carries = isinstance(getattr(model, "dequantizer", None), VariationalDequantizer)
+    if dequantization is None:
+        dequantization = "variational" if carries and levels is not None else "uniform"
+    if dequantization == "variational":
+        if levels is None or not carries:
+            raise ValueError("dequantization = 'variational' needs image data and a flow with a dequantizer "
+                             "(pushforward.models.dequantized; pushforward.experiment.build_flow builds it from "
+                             "the config)")
+        return VariationalDequantization(levels, density)
+    if dequantization != "uniform":
+        raise ValueError(f"dequantization must be 'uniform' or 'variational', got {dequantization!r}")
+    if carries:
+        raise ValueError("this flow carries a variational dequantizer: train it with dequantization = 'variational'")
+    return density if levels is None else UniformDequantization(levels, density)
