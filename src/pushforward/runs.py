@@ -36,7 +36,8 @@ from .data import dequantize
 from .distributed import setup
 from .experiment import Dataset, Run, build_flow, load_dataset, n_examples, open_run, quantize
 from .io import atomic_write
-from .train import History, _Data, evaluate, fit, seed_from
+from .objectives import Batch, Objective, default_objective
+from .train import History, evaluate, fit, seed_from
 
 __all__ = [
     "calibrate_steps",
@@ -45,6 +46,7 @@ __all__ = [
     "describe_eval",
     "eval_run",
     "plot_run",
+    "run_objective",
     "sample_run",
     "say",
     "train_config",
@@ -84,6 +86,13 @@ def train_config(config_file: str | None = None, overrides: dict | None = None,
     return config
 
 
+def run_objective(config: TrainConfig, model: torch.nn.Module, dataset: Dataset) -> Objective:
+    """What a run trains and is scored with: :func:`~pushforward.objectives.default_objective` of the
+    model, its training data and ``config.dequantization`` (a VAE's ELBO, a dequantization bound for
+    images, else the exact NLL)."""
+    return default_objective(model, dataset.train, config.dequantization)
+
+
 def clear_run(run_dir: str | Path) -> None:
     """Removes the files a previous run wrote into ``run_dir`` (and nothing else)."""
     run_dir = Path(run_dir)
@@ -112,7 +121,8 @@ def train_run(config: TrainConfig, resume: bool = False, overwrite: bool = False
     say(f"training {config.recipe} ({n_params:,} parameters) on {dataset.name}: "
         f"{n_examples(dataset.train)} train / {n_examples(dataset.val)} val / "
         f"{n_examples(dataset.test)} test examples -> {config.run_dir}")
-    history = fit(flow, dataset.train, dataset.val, config, resume=resume, callback=callback)
+    history = fit(flow, dataset.train, dataset.val, config, objective=run_objective(config, flow, dataset),
+                  resume=resume, callback=callback)
     dist.close()
     return history, dataset, flow
 
@@ -128,7 +138,8 @@ def eval_run(path: str | Path, split: str = "test", batch_size: int | None = Non
     dataset = load_dataset(run.config)
     data = {"test": dataset.test, "val": dataset.val, "train": dataset.train}[split]
     result = evaluate(run.flow, data, batch_size or run.config.eval_batch_size, seed=run.config.seed,
-                      device=run.config.device, classes=context_classes(run.config))
+                      device=run.config.device, classes=context_classes(run.config),
+                      objective=run_objective(run.config, run.flow, dataset))
     result = {"data": dataset.name, "split": split, "weights": str(run.weights), **result}
     if dataset.info.get("standardised"):
         # x_std = (x - mean) / std has log|det| = -sum(log std), so log p(x) = log p(x_std) - sum(log std)
@@ -274,21 +285,24 @@ def plot_run(path: str | Path, out: str | None = None) -> Path:
 
 # -- demo --------------------------------------------------------------------------------------------------
 def calibrate_steps(config: TrainConfig, minutes: float, trial_steps: int = 15) -> int:
-    """How many optimizer steps of ``config`` fit in ``minutes`` (timed on a throwaway copy of the model)."""
+    """How many optimizer steps of ``config`` fit in ``minutes``, timed on a throwaway copy of the model
+    minimising the run's objective (:func:`run_objective`) on its first training batch."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     ds = load_dataset(config)
-    flow = build_flow(config, ds)
-    data = _Data(ds.train)
-    opt = torch.optim.Adam(flow.parameters(), lr=config.lr)
-    bs = min(config.batch_size, data.n)
-    idx = torch.arange(bs)
+    model = build_flow(config, ds)
+    objective = run_objective(config, model, ds)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    bs = min(config.batch_size, n_examples(ds.train))
+    x = ds.train.images[:bs] if ds.is_image else ds.train[:bs].to(model.dtype)  # the objective dequantizes
+    classes = context_classes(config)
+    context = _one_hot(ds.train.labels[:bs], classes, model.dtype) if classes else None
+    batch = Batch(x, context)
     start = time.monotonic()
     for i in range(trial_steps + 3):
         if i == 3:
             start = time.monotonic()
-        x = data.get(idx, seed_from(i), flow.dtype)
-        loss = -flow.log_prob(x).mean()
+        loss = objective.loss(model, batch, torch.Generator().manual_seed(seed_from(i))).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
