@@ -153,7 +153,7 @@ def run_job(job: Job, out: Path, calib_s: float, validations: int) -> dict:
     trained = max((h.get("step", 0) for h in history), default=0)
     params = _params(run_dir)
     if job.group != "toy":
-        from pushforward.cli import sample_run
+        from pushforward.runs import sample_run
 
         sample_run(run_dir, n=64, temperature=0.7, out=str(run_dir / "samples_T0.7.png"))
     return {

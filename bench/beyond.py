@@ -337,7 +337,7 @@ def table_c(res: dict, plan: Plan) -> str:
     return (
         f"Budgets: digits {plan.digits_s:g} CPU-seconds of training steps per run (batch 64), Fashion-MNIST "
         f"{plan.fashion_s:g} (batch 64, {fm['n_train']} training images, validation on {fm['n_val']} held-out "
-        f"training images); the dataset defaults otherwise (`pushforward.config.DATASET_DEFAULTS`), warm-up "
+        f"training images); the dataset defaults otherwise (the data set registry, `pushforward/data/builtin.py`), warm-up "
         f"shortened to a tenth of the steps. Short budgets: these compare the two objectives early in "
         f"training, not converged models. The variational run spends part of its budget on the dequantizer, "
         f"so it takes fewer steps. Test bits/dim with one seeded noise sample per test image; the variational "

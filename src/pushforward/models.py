@@ -282,3 +282,6 @@ def dequantized(flow: dict, quantization_levels: int, layers: int = 4, hidden_ch
     model.dequantizer = VariationalDequantizer(tuple(model.event_shape), quantization_levels, layers,
                                                hidden_channels)
     return model
+
+
+from . import vae as _vae  # noqa: E402,F401  registers the "vae" recipe (the lecture's baseline) in RECIPES

@@ -151,7 +151,8 @@ class VAE(nn.Module):
     Build it with the :func:`vae` recipe (which records ``recipe`` so checkpoints rebuild it). It
     follows the :class:`~pushforward.core.Flow` interface where that makes sense: ``log_prob(x,
     context)`` (the training objective: the ELBO, or ``IWAE_k`` when ``k > 1``), ``sample``,
-    ``event_shape`` and ``recipe``; so :func:`pushforward.train.fit` trains it unchanged.
+    ``event_shape`` and ``recipe``. :func:`pushforward.train.fit` trains it with the
+    :class:`~pushforward.objectives.ELBO` objective (``IWAE_k`` for ``k > 1``).
 
     Args:
         event_shape: ``(D,)`` or ``(C, H, W)``.
