@@ -17,16 +17,30 @@ __version__ = "0.1.0"
 _NAMES = {
     "Compose": ".core", "Flow": ".core", "FlowDistribution": ".core", "Inverse": ".core",
     "InvertibilityWarning": ".core", "Transform": ".core", "set_validation": ".core",
-    "DiagonalNormal": ".distributions", "GaussianMixture": ".distributions", "StandardNormal": ".distributions",
+    "DiagonalNormal": ".distributions", "GaussianMixture": ".distributions",
+    "StandardNormal": ".distributions",
     "initialize": ".initialization", "load": ".io", "save": ".io",
 }
 _MODULES = ("distributions", "models", "nn", "objectives", "protocols", "transforms", "vae")
 
-__all__ = sorted([*_NAMES, *_MODULES])
+# written out (sorted [*_NAMES, *_MODULES]) so that linters and type checkers see the re-exports
+__all__ = [
+    "Compose", "DiagonalNormal", "Flow", "FlowDistribution", "GaussianMixture", "Inverse",
+    "InvertibilityWarning", "StandardNormal", "Transform", "distributions", "initialize", "load",
+    "models", "nn", "objectives", "protocols", "save", "set_validation", "transforms", "vae",
+]
 
 if TYPE_CHECKING:
     from . import distributions, models, nn, objectives, protocols, transforms, vae
-    from .core import Compose, Flow, FlowDistribution, Inverse, InvertibilityWarning, Transform, set_validation
+    from .core import (
+        Compose,
+        Flow,
+        FlowDistribution,
+        Inverse,
+        InvertibilityWarning,
+        Transform,
+        set_validation,
+    )
     from .distributions import DiagonalNormal, GaussianMixture, StandardNormal
     from .initialization import initialize
     from .io import load, save

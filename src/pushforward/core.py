@@ -15,7 +15,7 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +39,10 @@ __all__ = [
 ]
 
 _VALIDATION = True
-_NO_SCRIPT = ("pushforward flows and transforms cannot be compiled by TorchScript (torch.jit.script): they use "
-              "Python features it lacks (and torch deprecates TorchScript). Use torch.compile(flow.log_prob), or "
-              "torch.export.export of a module whose forward calls flow.log_prob (docs: Inside other libraries)")
+_NO_SCRIPT = ("pushforward flows and transforms cannot be compiled by TorchScript (torch.jit.script): they "
+              "use Python features it lacks (and torch deprecates TorchScript). Use "
+              "torch.compile(flow.log_prob), or torch.export.export of a module whose forward calls "
+              "flow.log_prob (docs: Inside other libraries)")
 
 
 def set_validation(enabled: bool) -> None:
@@ -113,7 +114,8 @@ def context_features(module: nn.Module) -> int:
     Raises:
         ValueError: If two layers declare different widths (they all receive the same context).
     """
-    widths = {int(w) for m in module.modules() if isinstance(w := getattr(m, "context_features", 0), int) and w > 0}
+    widths = {int(w) for m in module.modules()
+              if isinstance(w := getattr(m, "context_features", 0), int) and w > 0}
     if len(widths) > 1:
         raise ValueError(f"the layers of this flow read contexts of different widths {sorted(widths)}; "
                          "every layer receives the same context")
@@ -261,8 +263,8 @@ class Compose(Transform):
         """
         ladj = None
         for t in self.transforms:
-            x, l = t(x, context)
-            ladj = l if ladj is None else ladj + l
+            x, step = t(x, context)
+            ladj = step if ladj is None else ladj + step
         return x, self._total(ladj)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -280,8 +282,8 @@ class Compose(Transform):
         """
         ladj = None
         for t in reversed(self.transforms):
-            z, l = t.inverse(z, context)
-            ladj = l if ladj is None else ladj + l
+            z, step = cast(Transform, t).inverse(z, context)
+            ladj = step if ladj is None else ladj + step
         return z, self._total(ladj)
 
     @staticmethod
@@ -294,7 +296,7 @@ class Compose(Transform):
         return len(self.transforms)
 
     def __getitem__(self, i: int) -> Transform:
-        return self.transforms[i]
+        return cast(Transform, self.transforms[i])
 
 
 class Flow(nn.Module):
@@ -365,7 +367,10 @@ class Flow(nn.Module):
         return torch.get_default_dtype()
 
     def _context_width(self) -> tuple[bool, int | None]:
-        """``(conditional, width)`` of the context users pass (before the embedding); width ``None``: unknown."""
+        """``(conditional, width)`` of the context users pass (before the embedding).
+
+        Width ``None``: unknown.
+        """
         base = context_features(self.base) if isinstance(self.base, nn.Module) else 0
         inner = max(context_features(self.transform), base)
         if self.embedding is None:
@@ -384,7 +389,8 @@ class Flow(nn.Module):
             raise TypeError(f"{what}: context must be a torch.Tensor, got {type(context).__name__}")
         if not conditional:
             raise ValueError(f"{what}: this flow has no layer that reads a context, got a context of shape "
-                             f"{tuple(context.shape)}; build the flow with context_features=... to condition it")
+                             f"{tuple(context.shape)}; build the flow with context_features=... to condition "
+                             "it")
         if context.dim() < 1 or (width is not None and context.shape[-1] != width):
             raise ValueError(f"{what}: context must have shape (*batch, {width}), got {tuple(context.shape)}")
         dtype = self.dtype
@@ -394,8 +400,8 @@ class Flow(nn.Module):
             try:
                 torch.broadcast_shapes(batch, context.shape[:-1])
             except RuntimeError:
-                raise ValueError(f"{what}: the context's batch shape {tuple(context.shape[:-1])} does not broadcast "
-                                 f"against the input's batch shape {tuple(batch)}") from None
+                raise ValueError(f"{what}: the context's batch shape {tuple(context.shape[:-1])} does not "
+                                 f"broadcast against the input's batch shape {tuple(batch)}") from None
         if validation_enabled() and not bool(torch.isfinite(context).all()):
             bad = (~torch.isfinite(context)).sum().item()
             raise ValueError(f"{what} got {bad} non-finite value(s) (NaN or Inf) in its context")
@@ -411,10 +417,9 @@ class Flow(nn.Module):
             )
         dtype = self.dtype
         if x.dtype != dtype:
-            raise TypeError(
-                f"{what} expects a {dtype} tensor (the flow's dtype), got {x.dtype}"
-                + ("; dequantize integer data first (pushforward.data.dequantize)" if not x.is_floating_point() else "")
-            )
+            hint = ("" if x.is_floating_point()
+                    else "; dequantize integer data first (pushforward.data.dequantize)")
+            raise TypeError(f"{what} expects a {dtype} tensor (the flow's dtype), got {x.dtype}{hint}")
         if validation_enabled() and not bool(torch.isfinite(x).all()):
             bad = (~torch.isfinite(x)).sum().item()
             raise ValueError(f"{what} got {bad} non-finite value(s) (NaN or Inf) in its input")
@@ -497,15 +502,15 @@ class Flow(nn.Module):
             count, worst = int(bad.sum()), float(gap[bad].nan_to_num(nan=math.inf).max())
             largest = float(x.detach().abs().amax())
         warnings.warn(
-            f"sample_and_log_prob: for {count} of {bad.numel()} samples, log_prob of the returned sample differs "
-            f"from the returned log-density by up to {worst:.3g} nats: the flow is not invertible in {lp.dtype} "
-            f"there (its inverse maps those latents far out, samples up to |x| = {largest:.3g}, where rounding x "
-            "moves f(x) far from the drawn latent). The returned log-density is the model's density at the exact "
-            "preimage of each latent; log_prob at the rounded samples is not reliable there. This typically follows "
-            "training on unstandardised data (features on scales far from 1): standardise the features "
-            "(pushforward.data.load_table(standardize=True), or an ActNorm first layer), or sample in float64 "
-            "(flow.double()). The check costs one forward pass; Flow(validate=False) or "
-            "pushforward.set_validation(False) skips it.",
+            f"sample_and_log_prob: for {count} of {bad.numel()} samples, log_prob of the returned sample "
+            f"differs from the returned log-density by up to {worst:.3g} nats: the flow is not invertible in "
+            f"{lp.dtype} there (its inverse maps those latents far out, samples up to |x| = {largest:.3g}, "
+            "where rounding x moves f(x) far from the drawn latent). The returned log-density is the model's "
+            "density at the exact preimage of each latent; log_prob at the rounded samples is not reliable "
+            "there. This typically follows training on unstandardised data (features on scales far from 1): "
+            "standardise the features (pushforward.data.load_table(standardize=True), or an ActNorm "
+            "first layer), or sample in float64 (flow.double()). The check costs one forward pass; "
+            "Flow(validate=False) or pushforward.set_validation(False) skips it.",
             InvertibilityWarning,
             stacklevel=4,
         )
@@ -519,7 +524,9 @@ class Flow(nn.Module):
         """
         return self._sample(shape, context, temperature, with_log_prob=False)
 
-    def rsample(self, shape: int | Sequence[int] = (), context: Tensor | None = None, temperature: float = 1.0):
+    def rsample(
+        self, shape: int | Sequence[int] = (), context: Tensor | None = None, temperature: float = 1.0
+    ) -> Tensor:
         """Same as :meth:`sample`; samples are differentiable with respect to the parameters."""
         return self.sample(shape, context, temperature)
 
@@ -571,7 +578,10 @@ class Flow(nn.Module):
 
 
 class _Method(nn.Module):
-    """Calls a method of ``flow`` through ``nn.Module.__call__``, so ``torch.func.functional_call`` can run it."""
+    """Calls a method of ``flow`` through ``nn.Module.__call__``.
+
+    So ``torch.func.functional_call`` can run it.
+    """
 
     def __init__(self, flow: Flow):
         super().__init__()
@@ -616,7 +626,8 @@ class FlowDistribution(Distribution):
         self._held = _tensors(flow)
         if batch_shape is None:
             batch_shape = context.shape[:-1] if context is not None else torch.Size()
-        super().__init__(batch_shape=torch.Size(batch_shape), event_shape=flow.event_shape, validate_args=False)
+        super().__init__(batch_shape=torch.Size(batch_shape), event_shape=flow.event_shape,
+                         validate_args=False)
 
     def _call(self, method: str, *args):
         """Runs ``flow.<method>(*args)`` with the tensors this view holds."""
@@ -727,8 +738,9 @@ class FlowDistribution(Distribution):
 
     @property
     def mode(self) -> Tensor:
-        return self._no_closed_form("mode", "flow.sample(n, temperature=0.0) pushes the base's mode through "
-                                            "the flow, which is not the mode of the flow's density in general")
+        return self._no_closed_form("mode", "flow.sample(n, temperature=0.0) pushes the base's mode "
+                                            "through the flow, which is not the mode of the flow's "
+                                            "density in general")
 
     @property
     def variance(self) -> Tensor:
@@ -739,4 +751,5 @@ class FlowDistribution(Distribution):
                                                "d.rsample_and_log_prob((n,)); -log_p.mean(0)")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, event_shape={tuple(self.event_shape)})"
+        return (f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, "
+                f"event_shape={tuple(self.event_shape)})")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import Compose, validation_enabled
+from .core import Compose, Transform, validation_enabled
 from .distributions import StandardNormal
 from .nn import ConvNet
 from .transforms import AffineKernel, ChannelMask, CheckerboardMask, Coupling, Logit
@@ -88,10 +88,11 @@ class VariationalDequantizer(nn.Module):
         c, h, w = shape
         self.quantization_levels = quantization_levels
         net = functools.partial(ConvNet, hidden_channels=hidden_channels, context_channels=c)
-        ts = [Logit(0.0, event_dim=3)]  # u in (0, 1) -> R, data -> latent direction
+        ts: list[Transform] = [Logit(0.0, event_dim=3)]  # u in (0, 1) -> R, data -> latent direction
         for i in range(layers):
             use_channels = c >= 2 and i % 2 == 1
-            mask = ChannelMask(c, flip=bool(i // 2 % 2)) if use_channels else CheckerboardMask(c, h, w, flip=bool(i % 4 == 2))
+            mask = (ChannelMask(c, flip=bool(i // 2 % 2)) if use_channels
+                    else CheckerboardMask(c, h, w, flip=bool(i % 4 == 2)))
             ts.append(Coupling(mask, AffineKernel(), net))
         self.transform = Compose(*ts)
         self.base = StandardNormal(tuple(shape))

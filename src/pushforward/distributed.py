@@ -48,8 +48,8 @@ from .core import Compose, Transform, conditioners
 from .objectives import LogDensity, model_dtype
 
 __all__ = [
-    "Distributed", "LogProb", "LossModule", "LossStep", "checkpoint_targets", "conditioners", "env_world_size",
-    "resolve_device", "setup",
+    "Distributed", "LogProb", "LossModule", "LossStep", "checkpoint_targets", "conditioners",
+    "env_world_size", "resolve_device", "setup",
 ]
 
 
@@ -136,8 +136,8 @@ def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) ->
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch.cuda.is_available() is False (a CPU build of torch, "
-                         "or no GPU visible); use --device cpu or auto")
+        raise ValueError(f"device {name!r} asked for, but torch.cuda.is_available() is False (a CPU build of "
+                         "torch, or no GPU visible); use --device cpu or auto")
     if name == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise ValueError("device 'mps' asked for, but torch.backends.mps.is_available() is False")
@@ -219,7 +219,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.flow = flow
         # a plain attribute (not a submodule): the compiled module shares the flow's parameters
-        object.__setattr__(self, "_view", flow if compiled_log_prob is None else _FlowView(flow, compiled_log_prob))
+        view = flow if compiled_log_prob is None else _FlowView(flow, compiled_log_prob)
+        object.__setattr__(self, "_view", view)
 
     def forward(self, fn, *args):
         return fn(self._view, *args)
@@ -269,7 +270,10 @@ def _checkpointed(forward):
 
 
 def _autocast(forward, device_type: str, dtype: torch.dtype):
-    """``forward`` run under autocast, its floating outputs cast back to the dtype of its first floating input."""
+    """``forward`` run under autocast.
+
+    Its floating outputs are cast back to the dtype of its first floating input.
+    """
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
@@ -307,7 +311,7 @@ def undeclared_networks(model: nn.Module) -> list[str]:
 
 
 class LossStep:
-    """Computes the per-example training loss ``fn(model, *args)`` through DDP / autocast / compile / checkpointing.
+    """Computes the per-example loss ``fn(model, *args)`` through DDP / autocast / compile / checkpointing.
 
     Args:
         flow: the model (already on its device): a flow, or any module ``fn`` can score.
@@ -349,8 +353,8 @@ class LossStep:
                 g.set_state(state)
         if self.amp:
             if missed := undeclared_networks(self.flow):
-                warnings.warn(f"amp: {', '.join(missed)} hold(s) parameters but no layer declares it as a conditioner "
-                              "(Transform.conditioners()), so it runs in float32", stacklevel=3)
+                warnings.warn(f"amp: {', '.join(missed)} hold(s) parameters but no layer declares it as a "
+                              "conditioner (Transform.conditioners()), so it runs in float32", stacklevel=3)
             for net in conditioners(self.flow):
                 self._patch(net, lambda f: _autocast(f, self.dist.device.type, torch.bfloat16))
         if self.checkpoint_grads:

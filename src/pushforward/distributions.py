@@ -33,6 +33,8 @@ class StandardNormal(nn.Module):
         ``p_z`` of a flow).
     """
 
+    _anchor: Tensor
+
     def __init__(self, event_shape: int | Sequence[int]):
         super().__init__()
         self.event_shape = _shape(event_shape)
@@ -74,7 +76,8 @@ class DiagonalNormal(nn.Module):
         """``log N(z; loc, diag(scale)^2)`` summed over the event; shape ``(*batch,)``."""
         nd = len(self.event_shape)
         e = (z - self.loc) * torch.exp(-self.log_scale)
-        return -0.5 * sum_event(e.square(), nd) - self.log_scale.sum() - 0.5 * math.prod(self.event_shape) * _LOG_2PI
+        const = 0.5 * math.prod(self.event_shape) * _LOG_2PI
+        return -0.5 * sum_event(e.square(), nd) - self.log_scale.sum() - const
 
     def sample(self, shape: Sequence[int], context: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         eps = torch.randn(*shape, *self.event_shape, dtype=self.loc.dtype, device=self.loc.device)

@@ -22,6 +22,7 @@ A layer counts as data-dependent when it has a boolean ``initialized`` buffer an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,8 @@ def data_dependent(flow: nn.Module) -> list[nn.Module]:
     """The layers of ``flow`` that are initialised from data (each once, in ``flow.modules()`` order)."""
     return [
         m for m in flow.modules()
-        if isinstance(getattr(m, "initialized", None), Tensor) and callable(getattr(m, "reset_initialization", None))
+        if isinstance(getattr(m, "initialized", None), Tensor)
+        and callable(getattr(m, "reset_initialization", None))
     ]
 
 
@@ -77,21 +79,28 @@ def initialize(flow: nn.Module, x: Tensor, context: Tensor | None = None) -> nn.
     return initialize_layers(flow, x, context, data_dependent(flow))
 
 
-def initialize_layers(flow: nn.Module, x: Tensor, context: Tensor | None, layers: Sequence[nn.Module]) -> nn.Module:
-    """:func:`initialize` for the given data-dependent ``layers`` of ``flow`` only (the others keep theirs)."""
+def initialize_layers(flow: nn.Module, x: Tensor, context: Tensor | None,
+                      layers: Sequence[nn.Module]) -> nn.Module:
+    """:func:`initialize` for the given data-dependent ``layers`` of ``flow`` only.
+
+    The other layers keep their initialisation.
+    """
     if not layers:
         return flow
     before = [({k: v.clone() for k, v in m.state_dict().items()}, m.training) for m in layers]
     try:
         for m in layers:
-            m.reset_initialization()
+            layer: Any = m  # data-dependent: has reset_initialization() and an `initialized` buffer
+            layer.reset_initialization()
             m.train(True)  # the layers initialise in training mode only
         with torch.no_grad():
             if isinstance(flow, Flow) or hasattr(flow, "log_prob"):
-                flow.log_prob(x, context)
+                model: Any = flow  # a Flow, or another model scored by its log_prob (the VAE)
+                model.log_prob(x, context)
             else:
                 flow(x, context)
-        missed = [name for name, m in flow.named_modules() if any(m is l for l in layers) and not bool(m.initialized)]
+        missed = [name for name, m in flow.named_modules()
+                  if any(m is chosen for chosen in layers) and not bool(m.initialized)]
         if missed:
             if x.shape[0] == 0:
                 raise ValueError(f"cannot initialise from an empty batch (shape {tuple(x.shape)})")
@@ -100,7 +109,7 @@ def initialize_layers(flow: nn.Module, x: Tensor, context: Tensor | None, layers
                 f"not be initialised: {', '.join(missed)}"
             )
     except BaseException:
-        for m, (state, training) in zip(layers, before):
+        for m, (state, _) in zip(layers, before):
             m.load_state_dict(state)
         raise
     finally:

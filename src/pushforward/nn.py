@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["MADE", "MLP", "ConvNet", "ResNet"]
 
+_Layer = TypeVar("_Layer", nn.Linear, nn.Conv2d)
 
-def _zero(layer: nn.Module) -> nn.Module:
+
+def _zero(layer: _Layer) -> _Layer:
     nn.init.zeros_(layer.weight)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
@@ -72,7 +75,8 @@ class MLP(nn.Sequential):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if self.context_features:
             if context is None:
-                raise ValueError(f"this MLP was built for a context of {self.context_features} features; got none")
+                raise ValueError(f"this MLP was built for a context of {self.context_features} features; "
+                                 "got none")
             x = torch.cat([x, context.expand(*x.shape[:-1], context.shape[-1])], dim=-1)
         for layer in self:
             x = layer(x)
@@ -133,7 +137,8 @@ class ConvNet(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if self.context_channels:
             if context is None:
-                raise ValueError(f"this ConvNet was built for a {self.context_channels}-channel context image; got none")
+                raise ValueError(f"this ConvNet was built for a {self.context_channels}-channel context "
+                                 "image; got none")
             x = torch.cat([x, context], dim=-3)
         h = self.conv1(_channels_last(x))
         if self.context is not None:
@@ -155,7 +160,8 @@ class _Block(nn.Module):
     def __init__(self, channels: int, activation: type[nn.Module]):
         super().__init__()
         self.net = nn.Sequential(
-            activation(), nn.Conv2d(channels, channels, 3, padding=1), activation(), nn.Conv2d(channels, channels, 3, padding=1)
+            activation(), nn.Conv2d(channels, channels, 3, padding=1),
+            activation(), nn.Conv2d(channels, channels, 3, padding=1),
         )
 
     def forward(self, h: Tensor) -> Tensor:
@@ -163,7 +169,9 @@ class _Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A convolutional residual network: ``conv3x3 -> blocks x (act, conv3x3, act, conv3x3, +) -> act -> conv3x3``.
+    """A convolutional residual network.
+
+    ``conv3x3 -> blocks x (act, conv3x3, act, conv3x3, +) -> act -> conv3x3``.
 
     The last convolution is zero-initialised. No batch normalisation, so train and eval modes agree.
     Like :class:`ConvNet`, a batch is computed in channels-last layout.
@@ -208,6 +216,8 @@ class ResNet(nn.Module):
 
 
 class _MaskedLinear(nn.Linear):
+    mask: Tensor
+
     def __init__(self, in_features: int, out_features: int, mask: Tensor):
         super().__init__(in_features, out_features)
         self.register_buffer("mask", mask.to(self.weight.dtype))
@@ -263,7 +273,8 @@ class MADE(nn.Module):
             mask = (d_out[:, None] >= d_in[None, :]).float()
             layers += [_MaskedLinear(len(d_in), len(d_out), mask), activation()]
         out_degrees = torch.arange(1, features + 1).repeat(params)
-        last = _MaskedLinear(len(degrees[-1]), features * params, (out_degrees[:, None] > degrees[-1][None, :]).float())
+        last_mask = (out_degrees[:, None] > degrees[-1][None, :]).float()
+        last = _MaskedLinear(len(degrees[-1]), features * params, last_mask)
         layers.append(_zero(last))
         self.net = nn.Sequential(*layers)
         # the context enters the first layer's pre-activation, unmasked (degree 0 is allowed everywhere);
@@ -279,6 +290,7 @@ class MADE(nn.Module):
         if self.context is None:
             return self.net(x)
         if context is None:
-            raise ValueError(f"this MADE was built for a context of {self.context_features} features; got none")
+            raise ValueError(f"this MADE was built for a context of {self.context_features} features; "
+                             "got none")
         h = self.net[0](x) + self.context(context)
         return self.net[1:](h)

@@ -125,7 +125,7 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 @contextlib.contextmanager
 def seeded_rng(batch: Batch, generator: torch.Generator) -> Iterator[None]:
-    """A block in which torch's global generators (CPU and ``batch.x``'s device) are seeded from ``generator``.
+    """A block in which torch's global generators (CPU, ``batch.x``'s device) are seeded from ``generator``.
 
     The seed is drawn per example of the global batch (:meth:`Batch.draw`) and the first of this
     batch's rows is used, so each process of a ``torchrun`` group draws different noise. The global
@@ -162,7 +162,7 @@ class Objective(ABC):
         """Per-example figures ``(B,)`` for reports: ``"loss"`` and any extras. Called under ``no_grad``."""
         return {"loss": self.loss(model, batch, generator)}
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, model: nn.Module) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Raises ``TypeError`` when ``model`` lacks what this objective needs (nothing by default)."""
 
     def describe(self) -> dict[str, Any]:
@@ -193,8 +193,8 @@ class NLL(Objective):
 
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
         if not batch.x.is_floating_point():
-            raise TypeError(f"NLL needs continuous data, got {batch.x.dtype}; discrete images are trained with "
-                            "UniformDequantization(levels) or VariationalDequantization(levels)")
+            raise TypeError(f"NLL needs continuous data, got {batch.x.dtype}; discrete images are trained "
+                            "with UniformDequantization(levels) or VariationalDequantization(levels)")
         return -cast(LogDensity, model).log_prob(batch.x, batch.context)
 
 
@@ -239,8 +239,8 @@ class ELBO(Objective):
 
     def check(self, model: nn.Module) -> None:
         if not callable(getattr(model, "elbo" if self.k == 1 else "iwae", None)):
-            raise TypeError(f"{self!r} needs a latent-variable model with elbo(x, context) and iwae(x, k, context) "
-                            f"(pushforward.vae.VAE), got a {type(model).__name__}")
+            raise TypeError(f"{self!r} needs a latent-variable model with elbo(x, context) and "
+                            f"iwae(x, k, context) (pushforward.vae.VAE), got a {type(model).__name__}")
 
     def describe(self) -> dict[str, Any]:
         return {"bound": "negative ELBO" if self.k == 1 else f"negative IWAE (k={self.k})"}
@@ -279,7 +279,8 @@ class UniformDequantization(Objective):
         """The batch with ``x`` replaced by ``y = (x + u) / levels`` in ``[0, 1)``, in the model's dtype."""
         x = batch.x
         if x.is_floating_point() or x.is_complex():
-            raise TypeError(f"uniform dequantization needs integer images in [0, {self.levels - 1}], got {x.dtype}")
+            raise TypeError(f"uniform dequantization needs integer images in [0, {self.levels - 1}], "
+                            f"got {x.dtype}")
         u = batch.draw(lambda n: torch.rand((n, *x.shape[1:]), generator=generator, dtype=torch.float32))
         y = ((x.to(torch.float32) + u.to(x.device)) / self.levels).clamp_(max=_BELOW_ONE)
         return batch.replace(x=y.to(model_dtype(model)))
@@ -328,7 +329,10 @@ class VariationalDequantization(Objective):
         self.name = f"variational_dequantization({self.objective.name})"
 
     def dequantize(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> tuple[Batch, Tensor]:
-        """The batch with ``x`` replaced by ``y = (x + u) / levels``, ``u ~ q(u | x)``, and ``log q(u | x)`` ``(B,)``."""
+        """Draws ``u ~ q(u | x)``; returns ``(batch, log q(u | x))``.
+
+        The batch has ``x`` replaced by ``y = (x + u) / levels``; ``log q(u | x)`` has shape ``(B,)``.
+        """
         if batch.x.is_floating_point():
             raise TypeError(f"variational dequantization needs integer images, got {batch.x.dtype}")
         with seeded_rng(batch, generator):
@@ -346,8 +350,8 @@ class VariationalDequantization(Objective):
 
     def check(self, model: nn.Module) -> None:
         if not isinstance(getattr(model, "dequantizer", None), nn.Module):
-            raise TypeError(f"{self!r} needs a model with a dequantizer q(u | x) (pushforward.models.dequantized), "
-                            f"got a {type(model).__name__} without one")
+            raise TypeError(f"{self!r} needs a model with a dequantizer q(u | x) "
+                            f"(pushforward.models.dequantized), got a {type(model).__name__} without one")
         self.objective.check(model)
 
     def describe(self) -> dict[str, Any]:
@@ -392,11 +396,12 @@ def default_objective(model: nn.Module, data: Any, dequantization: str | None = 
     if dequantization == "variational":
         if levels is None or not carries:
             raise ValueError("dequantization = 'variational' needs image data and a flow with a dequantizer "
-                             "(pushforward.models.dequantized; pushforward.experiment.build_flow builds it from "
-                             "the config)")
+                             "(pushforward.models.dequantized; pushforward.experiment.build_flow builds it "
+                             "from the config)")
         return VariationalDequantization(levels, density)
     if dequantization != "uniform":
         raise ValueError(f"dequantization must be 'uniform' or 'variational', got {dequantization!r}")
     if carries:
-        raise ValueError("this flow carries a variational dequantizer: train it with dequantization = 'variational'")
+        raise ValueError("this flow carries a variational dequantizer: train it with "
+                         "dequantization = 'variational'")
     return density if levels is None else UniformDequantization(levels, density)

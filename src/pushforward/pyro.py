@@ -24,7 +24,8 @@ from .core import FlowDistribution
 __all__ = ["PyroFlowDistribution"]
 
 
-class PyroFlowDistribution(FlowDistribution, TorchDistributionMixin):
+# mypy: FlowDistribution.expand (a FlowDistribution) deliberately wins over Pyro's (ExpandedDistribution)
+class PyroFlowDistribution(FlowDistribution, TorchDistributionMixin):  # type: ignore[misc]
     """A :class:`~pushforward.core.FlowDistribution` that is also a Pyro distribution.
 
     Calling it draws a reparameterised sample: ``d(sample_shape)`` is ``d.rsample(sample_shape)``.

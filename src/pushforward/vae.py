@@ -71,7 +71,10 @@ def _std_normal_log_prob(z: Tensor) -> Tensor:
 
 
 def default_latent(dims: int) -> int:
-    """The latent size used when ``latent = 0``: ``D`` for ``D <= 4``, else ``D / 4`` within ``[8, 32]`` (and ``<= D``)."""
+    """The latent size used when ``latent = 0``.
+
+    ``D`` for ``D <= 4``, else ``D / 4`` within ``[8, 32]`` (and ``<= D``).
+    """
     if dims <= 4:
         return dims
     return min(dims, 32, max(8, dims // 4))
@@ -86,7 +89,10 @@ def default_levels(height: int, width: int) -> int:
 
 
 def _hidden_layer(net: ResNet) -> ResNet:
-    """Gives a ResNet (built as a zero-initialised conditioner) a default-initialised head, for use inside a stack."""
+    """Gives a ResNet (built as a zero-initialised conditioner) a default-initialised head.
+
+    For use inside a stack.
+    """
     net.head.reset_parameters()
     return net
 
@@ -173,6 +179,8 @@ class VAE(nn.Module):
         Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", 2016.
     """
 
+    _anchor: Tensor
+
     def __init__(self, event_shape: Sequence[int], encoder: nn.Module, decoder: nn.Module, latent: int,
                  likelihood: str = "gaussian", alpha: float = 0.05, k: int = 1,
                  scale_range: tuple[float, float] = (-7.0, 3.0)):
@@ -185,7 +193,8 @@ class VAE(nn.Module):
         self.encoder, self.decoder = encoder, decoder
         self.latent, self.likelihood, self.k = latent, likelihood, k
         self.scale_range = tuple(scale_range)
-        self.preprocess = Logit(alpha, event_dim=len(self.event_shape)) if likelihood == "logit_gaussian" else None
+        logit = likelihood == "logit_gaussian"
+        self.preprocess = Logit(alpha, event_dim=len(self.event_shape)) if logit else None
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
         #: Recipe name and arguments, set by the :func:`vae` recipe so the model can be rebuilt.
         self.recipe: dict | None = None
@@ -247,7 +256,8 @@ class VAE(nn.Module):
         return -0.5 * (e.square() + _LOG_2PI).sum(-1) - log_scale.sum(-1) + ladj
 
     # -- the bounds ----------------------------------------------------------------------------
-    def elbo(self, x: Tensor, context: Tensor | None = None, samples: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    def elbo(self, x: Tensor, context: Tensor | None = None,
+             samples: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """``(elbo, reconstruction, kl)``, each of shape ``(B,)``, in nats of ``x``.
 
         ``reconstruction = E_q[log p(x | z)]`` estimated with ``samples`` reparameterised draws
@@ -321,7 +331,8 @@ class VAE(nn.Module):
         n = math.prod(shape)
         if context is not None:
             if shape and context.dim() > 1 and context.shape[0] != n:
-                raise ValueError(f"context has batch size {context.shape[0]}, the sample shape {tuple(shape)}")
+                raise ValueError(f"context has batch size {context.shape[0]}, the sample shape "
+                                 f"{tuple(shape)}")
             context = context.expand(n, context.shape[-1]) if context.dim() == 1 else context
         z = temperature * torch.randn(n, self.latent, dtype=self.dtype, device=self._anchor.device)
         loc, log_scale = self.decode(z, context)
@@ -330,8 +341,8 @@ class VAE(nn.Module):
         return x.reshape(*shape, *self.event_shape)
 
     def extra_repr(self) -> str:
-        return (f"event_shape={tuple(self.event_shape)}, latent={self.latent}, likelihood={self.likelihood!r}, "
-                f"k={self.k}")
+        return (f"event_shape={tuple(self.event_shape)}, latent={self.latent}, "
+                f"likelihood={self.likelihood!r}, k={self.k}")
 
 
 @recipe
@@ -377,8 +388,10 @@ def vae(event_shape: Sequence[int], latent: int = 0, arch: str = "auto", hidden:
         if h % (1 << levels) or w % (1 << levels):
             raise ValueError(f"vae downsamples {levels} time(s), so height and width must be divisible by "
                              f"{1 << levels}; got {h}x{w}")
-        encoder = _ConvEncoder(event_shape, 2 * latent, hidden_channels, blocks, levels, bottleneck, context_features)
-        decoder = _ConvDecoder(event_shape, latent, hidden_channels, blocks, levels, bottleneck, context_features)
+        encoder: nn.Module = _ConvEncoder(event_shape, 2 * latent, hidden_channels, blocks, levels,
+                                          bottleneck, context_features)
+        decoder: nn.Module = _ConvDecoder(event_shape, latent, hidden_channels, blocks, levels,
+                                          bottleneck, context_features)
     else:
         encoder = _FlatMLP(event_shape, dims, 2 * latent, tuple(hidden), context_features)
         decoder = MLP(latent, 2 * dims, context_features, hidden=tuple(hidden))

@@ -80,9 +80,9 @@ class Autoregressive(Transform):
                              f"{shape}")
         if conditioner is None:
             if len(shape) == 2:
-                raise ValueError("an Autoregressive transform of sequences (N, P) needs a conditioner factory "
-                                 "that is autoregressive over the tokens (e.g. a causal Transformer); MADE "
-                                 "orders features")
+                raise ValueError("an Autoregressive transform of sequences (N, P) needs a conditioner "
+                                 "factory that is autoregressive over the tokens (e.g. a causal "
+                                 "Transformer); MADE orders features")
             conditioner = MADE
         self.shape = torch.Size(shape)
         self.event_dim = len(shape)

@@ -100,6 +100,10 @@ class IndexMask(Mask):
         event_dim: 1 for vectors, 3 for images (splits channels).
     """
 
+    cond_index: Tensor  # the three index buffers exist only when neither part comes first
+    trans_index: Tensor
+    merge_index: Tensor
+
     def __init__(self, features: int, cond: list[int], event_dim: int = 1):
         super().__init__()
         cond = sorted({int(i) for i in cond})
@@ -114,7 +118,8 @@ class IndexMask(Mask):
         self.in_features, self.out_features = len(cond), len(trans)
         self.cond, self.trans = tuple(cond), tuple(trans)
         order = cond + trans
-        self._first = "cond" if order == list(range(features)) else "trans" if trans + cond == list(range(features)) else None
+        identity = list(range(features))
+        self._first = "cond" if order == identity else "trans" if trans + cond == identity else None
         if self._first is None:
             self.register_buffer("cond_index", torch.tensor(cond))
             self.register_buffer("trans_index", torch.tensor(trans))
@@ -224,6 +229,8 @@ class CheckerboardMask(Mask):
     """
 
     event_dim = 3
+    mask: Tensor
+    complement: Tensor
 
     def __init__(self, channels: int, height: int, width: int, flip: bool = False):
         super().__init__()
@@ -249,8 +256,8 @@ class CheckerboardMask(Mask):
         """
         if tuple(x.shape[-3:]) != (self.channels, self.height, self.width):
             raise ValueError(
-                f"CheckerboardMask expects images of shape (*, {self.channels}, {self.height}, {self.width}), "
-                f"got {tuple(x.shape)}"
+                f"CheckerboardMask expects images of shape (*, {self.channels}, {self.height}, "
+                f"{self.width}), got {tuple(x.shape)}"
             )
         return x * self.mask, x
 

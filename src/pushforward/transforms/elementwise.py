@@ -67,7 +67,8 @@ class LeakyReLU(_Pointwise):
         event_dim: trailing dimensions that form one event (1 for ``(*, D)``, 3 for ``(*, C, H, W)``).
 
     References:
-        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.1.
+        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods",
+        2020, section 3.1.
     """
 
     def __init__(self, negative_slope: float = 0.01, event_dim: int = 1):
@@ -97,7 +98,8 @@ class Sigmoid(_Pointwise):
     ``event_dim`` trailing dimensions. The inverse checks that its input lies in ``(0, 1)``.
 
     References:
-        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.1.
+        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods",
+        2020, section 3.1.
     """
 
     def _f(self, x):
@@ -146,7 +148,8 @@ class Tanh(_Pointwise):
     the ``event_dim`` trailing dimensions. The inverse checks that its input lies in ``(-1, 1)``.
 
     References:
-        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.1.
+        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods",
+        2020, section 3.1.
     """
 
     def _f(self, x):
@@ -232,6 +235,8 @@ class ActNorm(ElementwiseAffine):
 
     #: A feature whose variance is at most this many ulps of its mean square counts as constant.
     degenerate_ulps = 64
+    shift: nn.Parameter  # always learned here
+    initialized: Tensor
 
     def __init__(self, features: int, event_dim: int = 1, eps: float = 1e-6):
         super().__init__(features, event_dim, shift=True)
@@ -249,7 +254,8 @@ class ActNorm(ElementwiseAffine):
                 is then unchanged.
         """
         if not self._initialize(x):
-            raise ValueError(f"ActNorm cannot be initialised from an empty batch (input shape {tuple(x.shape)})")
+            raise ValueError(f"ActNorm cannot be initialised from an empty batch (input shape "
+                             f"{tuple(x.shape)})")
 
     @torch.no_grad()
     def reset_initialization(self) -> None:
@@ -277,9 +283,9 @@ class ActNorm(ElementwiseAffine):
             bad = ~(torch.isfinite(mean) & torch.isfinite(mean_sq))
             if bool(bad.any()):
                 raise ValueError(
-                    f"ActNorm cannot be initialised from this batch: the statistics of {int(bad.sum())} of its "
-                    f"{self.features} features are not finite (non-finite or overflowing inputs); the layer is "
-                    "left unchanged"
+                    f"ActNorm cannot be initialised from this batch: the statistics of {int(bad.sum())} of "
+                    f"its {self.features} features are not finite (non-finite or overflowing inputs); the "
+                    "layer is left unchanged"
                 )
             var = (mean_sq - mean.square()).clamp_min(0)
             constant = var <= self.degenerate_ulps * torch.finfo(var.dtype).eps * mean_sq
@@ -287,8 +293,9 @@ class ActNorm(ElementwiseAffine):
             if bool(constant.any()):
                 std = torch.where(constant, torch.ones_like(std), std)
                 warnings.warn(
-                    f"ActNorm: {int(constant.sum())} of {self.features} features have no measurable variance in the "
-                    "initialisation batch (a single sample or a constant channel); they are centred and keep scale 1",
+                    f"ActNorm: {int(constant.sum())} of {self.features} features have no measurable "
+                    "variance in the initialisation batch (a single sample or a constant channel); they are "
+                    "centred and keep scale 1",
                     stacklevel=2,
                 )
             shape = self.log_scale.shape

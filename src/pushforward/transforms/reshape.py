@@ -57,7 +57,8 @@ class Squeeze(Transform):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         _check_image(z, "Squeeze.inverse")
         if shape_checks_enabled() and z.shape[-3] % (self.factor**2):
-            raise ValueError(f"Squeeze.inverse needs channels divisible by {self.factor ** 2}, got {z.shape[-3]}")
+            raise ValueError(f"Squeeze.inverse needs channels divisible by {self.factor ** 2}, "
+                             f"got {z.shape[-3]}")
         return unsqueeze(z, self.factor), _zeros(z)
 
     def extra_repr(self) -> str:

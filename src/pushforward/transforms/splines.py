@@ -110,7 +110,8 @@ class SplineKernel:
         t = xi * (1 - xi)
         denom = s + (d1 + d0 - 2 * s) * t
         y = y0 + hi * (s * xi.square() + d0 * t) / denom
-        logd = 2 * torch.log(s) + torch.log(d1 * xi.square() + 2 * s * t + d0 * (1 - xi).square()) - 2 * torch.log(denom)
+        logd = (2 * torch.log(s) + torch.log(d1 * xi.square() + 2 * s * t + d0 * (1 - xi).square())
+                - 2 * torch.log(denom))
         return torch.where(inside, y, x), torch.where(inside, logd, torch.zeros_like(logd))
 
     def inverse(self, y: Tensor, params: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -142,5 +143,6 @@ class SplineKernel:
         x = x0 + xi * wi
         t = xi * (1 - xi)
         denom = s + c2 * t
-        logd = 2 * torch.log(s) + torch.log(d1 * xi.square() + 2 * s * t + d0 * (1 - xi).square()) - 2 * torch.log(denom)
+        logd = (2 * torch.log(s) + torch.log(d1 * xi.square() + 2 * s * t + d0 * (1 - xi).square())
+                - 2 * torch.log(denom))
         return torch.where(inside, x, y), torch.where(inside, -logd, torch.zeros_like(logd))
