@@ -42,6 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import runs
     from .train import NonFiniteLossError
 
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --run-dir and --overwrite starts it afresh: give one "
+                         "of them")
     config = runs.train_config(args.config, _overrides(args), resume=args.resume)
     try:
         history, _, _ = runs.train_run(config, resume=args.resume, overwrite=args.overwrite)

@@ -304,6 +304,11 @@ def model_kwargs(config: TrainConfig, event_shape: tuple[int, ...]) -> dict[str,
     fn = RECIPES[config.recipe]
     params = inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
     kwargs = dict(config.model)
+    if "features" in params and len(event_shape) != 1:
+        raise ValueError(f"recipe {config.recipe!r} models vectors, but the data has event shape {event_shape}")
+    if "shape" in params and len(event_shape) != 3:
+        raise ValueError(f"recipe {config.recipe!r} models images (C, H, W), "
+                         f"but the data has event shape {event_shape}")
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         raise ValueError(
@@ -311,14 +316,8 @@ def model_kwargs(config: TrainConfig, event_shape: tuple[int, ...]) -> dict[str,
             f"its arguments are: {', '.join(params)}"
         )
     if "features" in params:
-        if len(event_shape) != 1:
-            raise ValueError(f"recipe {config.recipe!r} models vectors, "
-                             f"but the data has event shape {event_shape}")
         kwargs["features"] = event_shape[0]
     elif "shape" in params:
-        if len(event_shape) != 3:
-            raise ValueError(f"recipe {config.recipe!r} models images, "
-                             f"but the data has event shape {event_shape}")
         kwargs["shape"] = list(event_shape)
     elif "event_shape" in params:  # recipes for any data, e.g. pushforward.vae.vae
         kwargs["event_shape"] = list(event_shape)

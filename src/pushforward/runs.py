@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from . import plot
-from .checkpoint import read_state
+from .checkpoint import JSON_FILE, checkpoint_dir, read_state
 from .config import (
     TrainConfig,
     config_from_dict,
@@ -37,9 +36,12 @@ from .distributed import setup
 from .experiment import Dataset, Run, build_flow, load_dataset, n_examples, open_run, quantize
 from .io import atomic_write
 from .objectives import Batch, Objective, default_objective
+from .rundir import RUN_DIRS, RUN_FILES, clear_run
 from .train import History, evaluate, fit, seed_from
 
 __all__ = [
+    "RUN_DIRS",
+    "RUN_FILES",
     "calibrate_steps",
     "clear_run",
     "demo",
@@ -52,11 +54,6 @@ __all__ = [
     "train_config",
     "train_run",
 ]
-
-#: The files a training run writes into its directory (:func:`clear_run` removes these and nothing else).
-RUN_FILES = ("best.safetensors", "metrics.jsonl", "metrics.csv", "config.json", "eval.json")
-RUN_DIRS = ("checkpoint", ".checkpoint-old")
-
 
 def say(*args) -> None:
     """Prints on one process only: rank 0 under ``torchrun`` (``RANK`` unset: a single process)."""
@@ -93,28 +90,25 @@ def run_objective(config: TrainConfig, model: torch.nn.Module, dataset: Dataset)
     return default_objective(model, dataset.train, config.dequantization)
 
 
-def clear_run(run_dir: str | Path) -> None:
-    """Removes the files a previous run wrote into ``run_dir`` (and nothing else)."""
-    run_dir = Path(run_dir)
-    for name in RUN_DIRS:
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-
-
 def train_run(config: TrainConfig, resume: bool = False, overwrite: bool = False,
               callback=None) -> tuple[History, Dataset, torch.nn.Module]:
     """Loads the data, builds the flow and trains it (:func:`~pushforward.train.fit`).
 
     Returns ``(history, dataset, flow)``.
 
-    ``overwrite`` first removes a previous run's files from ``config.run_dir`` (:func:`clear_run`).
+    Validate, then act: the data are loaded and the model built and checked before anything in
+    ``config.run_dir`` changes; ``overwrite`` removes a previous run's files only then, under the run
+    directory's lock (:class:`~pushforward.rundir.RunLock`). Without ``resume`` or ``overwrite`` a
+    directory that holds a run is an error that says how to continue it.
     """
+    run_dir = Path(config.run_dir)
+    if not resume and not overwrite and (checkpoint_dir(run_dir) / JSON_FILE).exists():
+        step = read_state(run_dir).get("step")
+        raise FileExistsError(
+            f"{run_dir} already holds a run (trained to step {step}); continue it with "
+            f"`pushforward train --resume --run-dir {run_dir}`, start it afresh with --overwrite, "
+            "or choose another --run-dir")
     dist = setup(config.device)  # under torchrun: join the process group (fit uses it)
-    if overwrite and not resume:
-        if dist.is_main:
-            clear_run(config.run_dir)
-        dist.barrier()
     dataset = load_dataset(config)
     flow = build_flow(config, dataset)
     n_params = sum(p.numel() for p in flow.parameters())
@@ -122,7 +116,7 @@ def train_run(config: TrainConfig, resume: bool = False, overwrite: bool = False
         f"{n_examples(dataset.train)} train / {n_examples(dataset.val)} val / "
         f"{n_examples(dataset.test)} test examples -> {config.run_dir}")
     history = fit(flow, dataset.train, dataset.val, config, objective=run_objective(config, flow, dataset),
-                  resume=resume, callback=callback)
+                  resume=resume, overwrite=overwrite and not resume, callback=callback)
     dist.close()
     return history, dataset, flow
 
@@ -319,14 +313,13 @@ def demo(out: str | Path = "runs/demo", minutes: float = 3.0, density: str = "mo
     plan = [(density, 0.4 * minutes), (images, 0.6 * minutes)] if images else [(density, minutes)]
     for data, budget in plan:
         run_dir = out / data
-        clear_run(run_dir)
         config = resolve_config({}, {"data": data, "run_dir": str(run_dir)})
         config.max_steps = calibrate_steps(config, budget * 0.9)
         config.max_minutes = budget
         config.patience = 0
         config.val_every = max(1, config.max_steps // 20)
         say(f"\n== {data}: about {budget:.1f} min, {config.max_steps} steps ({config.recipe})")
-        history, dataset, _ = train_run(config)
+        history, dataset, _ = train_run(config, overwrite=True)
         result = eval_run(run_dir)
         say(describe_eval(result))
         files = sample_run(run_dir, n=1000 if dataset.event_shape == (2,) else 64)

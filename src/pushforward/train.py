@@ -47,10 +47,12 @@ networks), ``config.compile`` (``torch.compile`` of the log-density) and ``confi
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _io
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +74,7 @@ from .distributed import setup as setup_distributed
 from .initialization import data_dependent, initialize_layers
 from .io import atomic_write, save
 from .objectives import Batch, LogDensity, Objective, default_objective, model_dtype
+from .rundir import RunInUseError, RunLock, clear_run
 
 __all__ = [
     "History",
@@ -167,6 +170,14 @@ class _Data:
             if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= classes):
                 raise ValueError(f"labels must lie in [0, {classes - 1}] for {classes} classes, got "
                                  f"[{int(self.labels.min())}, {int(self.labels.max())}]")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Shape, dtype and SHA-256 of the examples (and labels): what a resumed run must train on again."""
+        h = hashlib.sha256()
+        for t in (self.x, self.labels):
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return {"shape": list(self.x.shape), "dtype": str(self.x.dtype), "sha256": h.hexdigest()}
 
     def context(self, index: Tensor | slice, dtype: torch.dtype) -> Tensor | None:
         """One-hot labels at ``index`` (``None`` for an unconditional model)."""
@@ -373,6 +384,7 @@ class _Run:
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     dtype: torch.dtype
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # of the training data, recorded in checkpoints
 
     @property
     def device(self) -> torch.device:
@@ -403,7 +415,7 @@ class _State:
             "step": self.step, "epoch": self.step // run.steps_per_epoch, "steps_per_epoch": run.steps_per_epoch,
             "total_steps": run.total, "bad_validations": self.bad_validations, "accum": self.accum,
             "history": self.history.rows, "best_val_nll": self.history.best_val_nll,
-            "best_step": self.history.best_step, "objective": repr(run.objective),
+            "best_step": self.history.best_step, "objective": repr(run.objective), "data": run.fingerprint,
             "train_config": run.config.to_dict(),
             "scheduler": {"kind": "warmup_cosine", "lr": run.config.lr, "lr_min": run.config.lr_min,
                           "warmup_steps": run.config.warmup_steps, "total_steps": run.total,
@@ -453,20 +465,46 @@ def _prepare(model: nn.Module, train_data: Any, val_data: Any, config: TrainConf
     # flow's training step); the same update up to rounding
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     return _Run(model, objective, config, dist, train, val, out, bs, steps_per_epoch, total, params, optimizer,
-                model_dtype(model))
+                model_dtype(model), train.fingerprint() if out is not None else {})
 
 
-def _open(run: _Run, resume: bool) -> _State:
-    """Resumes from ``run.out``'s checkpoint or starts afresh there (``config.json``, no stale metrics)."""
+def _lock(run: _Run) -> RunLock | None:
+    """Rank 0 locks the run directory before reading or writing anything there; every rank learns
+    whether it could (:class:`~pushforward.rundir.RunInUseError` names the holder's PID)."""
+    if run.out is None:
+        return None
+    lock, error = None, None
+    if run.dist.is_main:
+        try:
+            run.out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run.out).acquire()
+        except OSError as e:
+            error = e
+        else:
+            if lock.stale:
+                print(f"note: {run.out} held a stale lock ({lock.stale}); taken over", file=sys.stderr, flush=True)
+    (failed,) = run.dist.any(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RunInUseError(f"rank 0 could not lock {run.out}; see its message")
+    return lock
+
+
+def _load_state(run: _Run, resume: bool, overwrite: bool) -> _State:
+    """The state to start from: ``run.out``'s checkpoint (``resume``) or a fresh one. Reads only.
+
+    Resuming checks that the checkpoint belongs to this run (architecture, steps per epoch,
+    objective, training data); a fresh start refuses a directory that holds a checkpoint unless
+    ``overwrite``.
+    """
     state = _State(History(run_dir=run.out))
-    out, main = run.out, run.dist.is_main
+    out = run.out
     if out is None:
         if resume:
             raise ValueError("resume needs a run_dir")
         torch.manual_seed(run.config.seed)
         return state
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     has_checkpoint = (checkpoint_dir(out) / "state.json").exists()
     if resume:
         if not has_checkpoint:
@@ -478,28 +516,54 @@ def _open(run: _Run, resume: bool) -> _State:
         if record.get("objective", repr(run.objective)) != repr(run.objective):
             raise ValueError(f"cannot resume {out}: it was trained with {record['objective']}, this run uses "
                              f"{run.objective!r}")
+        if (changed := _data_changes(record.get("data"), run.fingerprint)):
+            raise ValueError(f"cannot resume {out}: its training data differ from the data given now ({changed}); "
+                             "resume with the data it was trained on, or start a new run in another directory")
         state.step, state.bad_validations, state.accum = record["step"], record["bad_validations"], record["accum"]
         h = state.history
         h.rows, h.best_val_nll, h.best_step = record["history"], record["best_val_nll"], record["best_step"]
         state.last_val_step = h.rows[-1]["step"] if h.rows else -1
-        if main:
-            _write_metrics(out, h.rows, None)
         if (out / "best.safetensors").exists():
             from .io import load
 
             state.best_weights = load(out / "best.safetensors").state_dict()
     else:
-        if has_checkpoint:
-            raise FileExistsError(f"{out} already holds a checkpoint; resume it (resume=True, --resume) or use "
-                                  "another run_dir")
-        for name in ("metrics.jsonl", "metrics.csv", "best.safetensors"):
-            if main:
-                (out / name).unlink(missing_ok=True)
+        if has_checkpoint and not overwrite:
+            raise FileExistsError(f"{out} already holds a checkpoint; resume it (resume=True) or start afresh "
+                                  "(overwrite=True), or use another run_dir")
         torch.manual_seed(run.config.seed)
-    text = json.dumps({"train": run.config.to_dict(), "flow": run.model.recipe}, indent=1)
-    if main:
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
     return state
+
+
+def _start(run: _Run, state: _State, resume: bool, overwrite: bool) -> None:
+    """Makes ``run.out`` this run's: removes a previous run's files (``overwrite``; everything has been
+    built and checked by now), stale metrics of a run that never saved, and writes ``config.json``."""
+    out = run.out
+    if out is not None and run.dist.is_main:
+        if resume:
+            _write_metrics(out, state.history.rows, None)
+        else:
+            if overwrite:
+                clear_run(out)
+            for name in ("metrics.jsonl", "metrics.csv", "best.safetensors"):
+                (out / name).unlink(missing_ok=True)
+        text = json.dumps({"train": run.config.to_dict(), "flow": run.model.recipe}, indent=1)
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    run.dist.barrier()
+
+
+def _data_changes(recorded: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """How the training data given now differ from those a checkpoint recorded ("" if they do not, or if
+    the checkpoint predates the record)."""
+    if not recorded or not now:
+        return ""
+    if recorded.get("shape") != now.get("shape"):
+        return f"{recorded.get('shape')} examples then, {now.get('shape')} now"
+    if recorded.get("dtype") != now.get("dtype"):
+        return f"{recorded.get('dtype')} then, {now.get('dtype')} now"
+    if recorded.get("sha256") != now.get("sha256"):
+        return "same shape, different values (SHA-256 of the examples)"
+    return ""
 
 
 class _Order:
@@ -686,7 +750,7 @@ def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say
 
 def fit(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig | dict, *,
         objective: Objective | None = None, run_dir: str | Path | None = None, resume: bool = False,
-        callback: Callable[[int, float, nn.Module], None] | None = None) -> History:
+        overwrite: bool = False, callback: Callable[[int, float, nn.Module], None] | None = None) -> History:
     """Trains ``model`` by minimising ``objective``; see the module docstring.
 
     Args:
@@ -701,6 +765,9 @@ def fit(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig | 
         run_dir: where files go; default ``config.run_dir``; ``""``/``None`` with an empty
             ``config.run_dir``: nothing is written (no checkpoints, no resume).
         resume: continue from ``run_dir/checkpoint`` (same data, batch size and objective required).
+        overwrite: start afresh in a ``run_dir`` that holds a previous run: its files are removed
+            once the data, the model and the checkpoint state have been checked, just before the
+            first write (without it such a directory is an error).
         callback: ``callback(step, loss, model)`` after every optimizer step (``loss``: the batch's
             mean loss per dimension); raising ``KeyboardInterrupt`` there acts like Ctrl-C.
 
@@ -713,15 +780,29 @@ def fit(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig | 
     Raises:
         NonFiniteLossError: a NaN/Inf loss or gradient; the message names the step. No checkpoint
             is written for it, so the last good one stays untouched.
+        RunInUseError: another process is training into ``run_dir`` (the message names its PID).
     """
     config = config_from_dict(config) if isinstance(config, dict) else config
+    run = _prepare(model, train_data, val_data, config, objective, run_dir)
+    lock = _lock(run)
+    try:
+        return _fit(run, resume, overwrite, callback)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(run: _Run, resume: bool, overwrite: bool, callback: Callable[[int, float, nn.Module], None] | None
+         ) -> History:
+    """:func:`fit` once the run is prepared and its directory locked: validate, then act."""
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
-    run = _prepare(model, train_data, val_data, config, objective, run_dir)
-    state = _open(run, resume)
+    config, model = run.config, run.model
+    state = _load_state(run, resume, overwrite)
     order = _Order(run)
     model.train()
     _initialise(run, state, order)
+    _start(run, state, resume, overwrite)  # the first write: everything above has been built and checked
     bar = tqdm(total=run.total, initial=state.step, unit="step", dynamic_ncols=True, mininterval=0.5,
                disable=not (config.progress and run.dist.is_main), desc=f"train {config.data}", leave=True)
     say = bar.write if run.dist.is_main else (lambda msg: None)

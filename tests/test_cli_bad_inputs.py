@@ -1,0 +1,190 @@
+"""Bad and unusual command-line inputs (issue 15): each is a one-line error naming the problem, no traceback,
+and a run directory that existed before is byte-identical afterwards.
+
+Every case runs ``pushforward`` in this process (``main(argv)``) next to ``EXISTING``, a finished tiny run
+that the module trains once; the cases that need a second process (locks, signals) start one. ``expect``
+checks the exit status, that stderr is one line holding the expected words, that no traceback was printed
+and that every file of the existing run hashes as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pushforward.cli import main
+
+torch.set_num_threads(1)
+
+TINY = ["--no-progress", "--set", "n_train=400", "--set", "n_val=100", "--set", "n_test=100",
+        "--set", "model.layers=2", "--set", "model.hidden=[8]", "--set", "batch_size=100",
+        "--set", "warmup_steps=2"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path (directories included, as entries)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+    return out
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def expect(argv, capsys, code: int, *words: str, existing: Path | None = None) -> str:
+    """Runs ``argv``; asserts the exit status, one line on stderr holding ``words``, no traceback, and that
+    ``existing`` (a run directory) has not changed. Returns the error line."""
+    before = snapshot(existing) if existing is not None else None
+    got, out, err = run(argv, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert got == code, (got, out, err)
+    assert "Traceback" not in out + err
+    assert len(lines) == 1, err
+    assert "internal error" not in err, err
+    for word in words:
+        assert word.lower() in lines[0].lower(), (word, lines[0])
+    if existing is not None:
+        assert snapshot(existing) == before, f"{existing} changed"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished tiny moons run (10 steps); tests copy it when they need to change it."""
+    root = tmp_path_factory.mktemp("existing")
+    run_dir = root / "moons"
+    assert main(["train", "--data", "moons", *TINY, "--run-dir", str(run_dir), "--max-steps", "10",
+                 "--set", "val_every=5"]) == 0
+    assert main(["eval", str(run_dir)]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def existing(trained, tmp_path) -> Path:
+    """A private copy of the finished run."""
+    import shutil
+
+    target = tmp_path / "existing"
+    shutil.copytree(trained, target)
+    return target
+
+
+def bad_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.csv"
+    rows = [f"{i * 0.1:.2f},{(i * 7) % 5 - 2.0:.1f}" for i in range(50)]
+    rows[17] = "1.5,abc"
+    path.write_text("a,b\n" + "\n".join(rows) + "\n")
+    return path
+
+
+# -- 2. nothing is deleted before the new data and model are built and checked ------------------------------
+def test_overwrite_with_a_bad_csv_keeps_the_run(existing, tmp_path, capsys):
+    expect(["train", "--data", bad_csv(tmp_path), "--run-dir", existing, "--overwrite", *TINY[:1]], capsys, 2,
+           "line 19", existing=existing)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--set", "model.hiden=[4]"], ["hiden", "arguments are"]),            # a model that cannot be built
+    (["--condition", "label"], ["labelled data"]),                          # data without labels
+    (["--dequantization", "variational"], ["images", "moons"]),            # a dequantizer for 2-D points
+    (["--recipe", "glow"], ["glow", "images"]),                             # a recipe for other data
+    (["--data", "no-such-data"], ["unknown dataset"]),
+], ids=["model", "condition", "dequantization", "recipe", "data"])
+def test_overwrite_that_cannot_train_keeps_the_run(existing, capsys, extra, words):
+    argv = ["train", "--data", "moons", *TINY, "--run-dir", existing, "--overwrite", *extra]
+    expect(argv, capsys, 2, *words, existing=existing)
+
+
+def test_overwrite_replaces_the_run_once_everything_is_checked(existing, capsys):
+    before = (existing / "best.safetensors").read_bytes()
+    code, out, err = run(["train", "--data", "moons", *TINY, "--run-dir", existing, "--overwrite",
+                          "--max-steps", "3"], capsys)
+    assert code == 0, err
+    assert not (existing / "eval.json").exists()  # the previous run's files are gone ...
+    assert (existing / "best.safetensors").read_bytes() != before  # ... and the new run's are there
+    rows = [json.loads(x) for x in (existing / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3]
+
+
+def test_resume_and_overwrite_together_are_refused(existing, capsys):
+    expect(["train", "--resume", "--overwrite", "--run-dir", existing], capsys, 2, "--resume", "--overwrite",
+           existing=existing)
+
+
+def test_a_second_plain_train_says_how_to_continue(existing, capsys):
+    line = expect(["train", "--data", "moons", *TINY, "--run-dir", existing], capsys, 2,
+                  "already holds a run", "--resume", "--overwrite", existing=existing)
+    assert "resume=True" not in line  # the command line's terms, not the Python API's
+
+
+# -- 3. one writer per run directory ---------------------------------------------------------------------------
+def _holder(run_dir: Path, then: str = "time.sleep(60)") -> subprocess.Popen:
+    """A process that takes the run directory's lock, says so, then runs ``then``."""
+    code = ("import sys, time\nfrom pushforward.rundir import RunLock\n"
+            f"lock = RunLock({str(run_dir)!r}).acquire()\nprint('locked', flush=True)\n{then}\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout is not None and p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_a_locked_run_directory_refuses_a_second_writer(existing, capsys):
+    holder = _holder(existing)
+    try:
+        before = snapshot(existing)
+        for argv in (["train", "--data", "moons", *TINY, "--run-dir", existing, "--overwrite"],
+                     ["train", "--resume", "--run-dir", existing, "--no-progress", "--max-steps", "20"]):
+            line = expect(argv, capsys, 2, "in use", f"PID {holder.pid}", f"kill {holder.pid}")
+            assert snapshot(existing) == before
+            assert "\n" not in line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_trainings_into_one_directory(tmp_path, capsys):
+    """A real training holds the lock; a second one into the same directory is refused, the first goes on."""
+    run_dir = tmp_path / "shared"
+    first = subprocess.Popen([sys.executable, "-m", "pushforward", "train", "--data", "moons", *TINY,
+                              "--run-dir", str(run_dir), "--max-steps", "100000", "--set", "val_every=50"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "config.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        expect(["train", "--data", "moons", *TINY, "--run-dir", run_dir, "--overwrite"], capsys, 2,
+               "in use", f"PID {first.pid}")
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_a_lock_left_by_a_killed_process_is_stale(existing, capsys):
+    holder = _holder(existing, then="import os; os.kill(os.getpid(), 9)")
+    holder.wait()
+    assert (existing / ".pushforward.lock").exists()  # SIGKILL leaves the file behind
+    code, out, err = run(["train", "--resume", "--run-dir", existing, "--no-progress", "--max-steps", "12"],
+                         capsys)
+    assert code == 0, err
+    assert f"stale lock" in err and f"PID {holder.pid}" in err and "no longer running" in err
+    assert not (existing / ".pushforward.lock").exists()  # released at the end
