@@ -188,3 +188,64 @@ def test_a_lock_left_by_a_killed_process_is_stale(existing, capsys):
     assert code == 0, err
     assert f"stale lock" in err and f"PID {holder.pid}" in err and "no longer running" in err
     assert not (existing / ".pushforward.lock").exists()  # released at the end
+
+
+# -- 4. a resumed run keeps its data and model ----------------------------------------------------------------
+@pytest.mark.parametrize("extra, words", [
+    (["--data", "circles"], ["data = 'moons' -> 'circles'"]),
+    (["--recipe", "nice"], ["recipe = 'realnvp' -> 'nice'"]),
+    (["--set", "model.layers=3"], ["model", "'layers': 2", "'layers': 3"]),
+    (["--seed", "7"], ["seed = 0 -> 7"]),
+    (["--set", "n_train=500"], ["n_train = 400 -> 500"]),
+    (["--set", "batch_size=50"], ["batch_size = 100 -> 50"]),
+    (["--dequantization", "variational"], ["dequantization"]),
+    (["--condition", "label"], ["condition"]),
+], ids=["data", "recipe", "model", "seed", "n_train", "batch_size", "dequantization", "condition"])
+def test_resume_refuses_to_change_the_data_or_the_model(existing, capsys, extra, words):
+    expect(["train", "--resume", "--run-dir", existing, "--no-progress", "--max-steps", "20", *extra], capsys, 2,
+           "cannot resume", *words, existing=existing)
+
+
+def test_resume_may_change_the_budget(existing, capsys):
+    code, out, err = run(["train", "--resume", "--run-dir", existing, "--data", "moons", "--max-steps", "12",
+                          "--no-progress", "--set", "patience=3", "--set", "lr=5e-4"], capsys)
+    assert code == 0, err
+    assert "stopped (completed) at step 12" in out
+
+
+def _table(path: Path, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 3, generator=g)
+    path.write_text("a,b,c\n" + "\n".join(",".join(f"{v:.4f}" for v in row) for row in x.tolist()) + "\n")
+    return path
+
+
+def test_resume_refuses_a_table_whose_values_changed(tmp_path, capsys):
+    csv, run_dir = _table(tmp_path / "t.csv"), tmp_path / "table-run"
+    table = ["--recipe", "maf", "--set", "model.layers=1", "--set", "model.hidden=[8]", "--no-progress"]
+    assert run(["train", "--data", csv, "--run-dir", run_dir, "--max-steps", "4", *table], capsys)[0] == 0
+    _table(csv, seed=1)  # same file, same shape, other values
+    expect(["train", "--resume", "--run-dir", run_dir, "--max-steps", "8", "--no-progress"], capsys, 2,
+           "cannot resume", "training data differ", existing=run_dir)
+
+
+def test_resume_finds_the_default_run_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(["train", "--data", "moons", *TINY, "--max-steps", "4"], capsys)[0] == 0
+    assert (tmp_path / "runs" / "moons" / "checkpoint").is_dir()
+    code, out, err = run(["train", "--data", "moons", "--resume", "--max-steps", "6", "--no-progress"], capsys)
+    assert code == 0 and "stopped (completed) at step 6" in out, err
+    expect(["train", "--resume", "--no-progress"], capsys, 2, "--resume needs", "--run-dir")
+    expect(["train", "--data", "circles", "--resume"], capsys, 2, "runs/circles holds no checkpoint")
+
+
+def test_different_runs_of_one_data_set_get_different_default_directories():
+    from pushforward.config import default_run_dir, resolve_config
+
+    def where(**values):
+        return str(default_run_dir(resolve_config({}, values)))
+
+    assert where(data="digits") == "runs/digits"
+    assert where(data="digits", recipe="vae") == "runs/digits-vae"
+    assert where(data="digits", dequantization="variational") == "runs/digits-variational"
+    assert where(data="fashion-mnist", condition="label") == "runs/fashion-mnist-label"

@@ -42,11 +42,13 @@ __all__ = [
     "config_from_dict",
     "context_classes",
     "dataset_entry",
+    "default_run_dir",
     "load_toml",
     "merge",
     "model_kwargs",
     "parse_overrides",
     "resolve_config",
+    "resume_changes",
 ]
 
 CONDITIONS = ("", "label")
@@ -246,6 +248,51 @@ def merge(base: dict, update: dict) -> dict:
     for k, v in update.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+#: The keys that define what a run trains on and what it trains: a resumed run keeps them.
+FIXED_ON_RESUME = ("data", "recipe", "model", "condition", "dequantization", "dequantizer", "seed", "n_train",
+                   "n_val", "n_test", "val_fraction", "test_fraction", "max_train", "batch_size")
+
+
+def same_data(a: str, b: str) -> bool:
+    """Whether two ``data`` values name the same data set (a file given by two paths included)."""
+    if a == b:
+        return True
+    try:
+        return lookup(a).claims is not None and Path(a).resolve() == Path(b).resolve()
+    except ValueError:
+        return False
+
+
+def resume_changes(recorded: TrainConfig, given: TrainConfig) -> list[str]:
+    """``"key = old -> new"`` for every key of :data:`FIXED_ON_RESUME` that ``given`` changes."""
+    changes = []
+    for key in FIXED_ON_RESUME:
+        old, new = getattr(recorded, key), getattr(given, key)
+        if key == "data" and same_data(str(old), str(new)):
+            continue
+        if old != new:
+            changes.append(f"{key} = {old!r} -> {new!r}")
+    return changes
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    """``runs/<data>``, followed by what sets the run apart from the data set's default run: another
+    recipe, ``label`` for a class-conditional model, another dequantization (``runs/digits-vae``,
+    ``runs/digits-variational``, ``runs/fashion-mnist-label``), so that different runs of one data set
+    do not meet in one directory."""
+    parts = [Path(str(config.data)).stem or "run"]
+    try:
+        if config.recipe and config.recipe != lookup(str(config.data)).recipe:
+            parts.append(config.recipe)
+    except ValueError:
+        pass
+    if config.condition:
+        parts.append(config.condition)
+    if config.dequantization != "uniform":
+        parts.append(config.dequantization)
+    return Path("runs") / "-".join(parts)
 
 
 def dataset_entry(config: TrainConfig) -> DatasetEntry:

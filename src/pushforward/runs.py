@@ -27,9 +27,11 @@ from .config import (
     config_from_dict,
     context_classes,
     dataset_entry,
+    default_run_dir,
     load_toml,
     merge,
     resolve_config,
+    resume_changes,
 )
 from .data import dequantize
 from .distributed import setup
@@ -66,20 +68,36 @@ def train_config(config_file: str | None = None, overrides: dict | None = None,
                  resume: bool = False) -> TrainConfig:
     """The configuration of a training run: a TOML file and overrides over the data set's defaults.
 
-    With ``resume`` the configuration comes from the run's checkpoint (``overrides["run_dir"]`` or the
-    file's ``run_dir``), with ``overrides`` applied on top (e.g. a longer ``max_steps``).
+    The run directory is ``run_dir`` if given, else :func:`~pushforward.config.default_run_dir`
+    (``runs/<data>``). With ``resume`` the configuration is the one recorded in that directory's
+    checkpoint, with the file's and the overrides' values on top (a longer ``max_steps``, another
+    ``max_minutes``); a value that would change what the run trains on or what it trains
+    (:data:`~pushforward.config.FIXED_ON_RESUME`: the data, the recipe and model, the seed, the
+    splits, the batch size) is an error.
     """
-    overrides = dict(overrides or {})
-    if resume:
-        run_dir = overrides.get("run_dir") or (load_toml(config_file).get("run_dir") if config_file else None)
-        if not run_dir:
-            raise ValueError("--resume needs the run directory: --run-dir DIR")
-        values = merge(read_state(run_dir)["train_config"], overrides)
-        values["run_dir"] = str(run_dir)
-        return config_from_dict(values)
-    config = resolve_config(load_toml(config_file) if config_file else {}, overrides)
-    if not config.run_dir:
-        config.run_dir = str(config.resolved_run_dir)
+    file_values = load_toml(config_file) if config_file else {}
+    user = merge(file_values, dict(overrides or {}))
+    if not resume:
+        config = resolve_config(file_values, overrides)
+        if not config.run_dir:
+            config.run_dir = str(default_run_dir(config))
+        return config
+    if user.get("run_dir"):
+        run_dir = Path(str(user["run_dir"]))
+    elif user.get("data"):
+        run_dir = default_run_dir(resolve_config(file_values, overrides))
+    else:
+        raise ValueError("--resume needs the run to continue: --run-dir DIR, or --data NAME for its "
+                         "default directory runs/NAME")
+    if not (checkpoint_dir(run_dir) / JSON_FILE).exists():
+        raise FileNotFoundError(f"cannot resume: {run_dir} holds no checkpoint (start the run with "
+                                f"`pushforward train --run-dir {run_dir} ...` first)")
+    recorded = config_from_dict(read_state(run_dir)["train_config"])
+    config = config_from_dict(merge(recorded.to_dict(), {**user, "run_dir": str(run_dir)}))
+    changes = resume_changes(recorded, config)
+    if changes:
+        raise ValueError(f"cannot resume {run_dir} with {'; '.join(changes)}: a resumed run keeps its data, "
+                         "model, seed, splits and batch size; start a new run in another --run-dir instead")
     return config
 
 
