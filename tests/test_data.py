@@ -140,7 +140,8 @@ def test_standardisation_uses_train_only(tmp_path: Path) -> None:
     val, test = train[:20] + 10.0, train[:20] * 3.0
     for name, arr in (("tr", train), ("va", val), ("te", test)):
         np.save(tmp_path / f"{name}.npy", arr)
-    d = load_table(train=tmp_path / "tr.npy", val=tmp_path / "va.npy", test=tmp_path / "te.npy")
+    d = load_table(train=tmp_path / "tr.npy", val=tmp_path / "va.npy", test=tmp_path / "te.npy",
+                   drop_constant=False)
     mean, std = train.mean(axis=0), train.std(axis=0)
     std[2] = 1.0
     assert torch.allclose(d.mean.double(), torch.from_numpy(mean), atol=1e-6)

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 CONDITIONS = ("", "label")
-DEQUANTIZATIONS = ("uniform", "variational")
+DEQUANTIZATIONS = ("uniform", "variational", "none")
 
 
 @dataclass
@@ -95,7 +95,8 @@ class TrainConfig:
             with the one-hot label as ``context`` (``context_features`` = number of classes).
         dequantization: for images, ``"uniform"`` noise or a ``"variational"`` dequantizer
             ``q(u | x)`` (Flow++) trained jointly with the flow; the reported bits/dim is then
-            the bound ``E_q[-log p(y) + log q(u | x)] + D log K`` in the same formula.
+            the bound ``E_q[-log p(y) + log q(u | x)] + D log K`` in the same formula. For tables,
+            ``"uniform"`` dequantizes the columns that lie on a grid and ``"none"`` leaves them as they are.
         dequantizer: keyword arguments of the variational dequantizer (``layers``, ``hidden_channels``).
         amp: bf16 autocast in the conditioner networks; the transforms, their log-determinants, the
             base density and the loss stay float32. Meant for GPUs; allowed on the CPU (where it is

@@ -104,7 +104,12 @@ def train_config(config_file: str | None = None, overrides: dict | None = None,
 def run_objective(config: TrainConfig, model: torch.nn.Module, dataset: Dataset) -> Objective:
     """What a run trains and is scored with: :func:`~pushforward.objectives.default_objective` of the
     model, its training data and ``config.dequantization`` (a VAE's ELBO, a dequantization bound for
-    images, else the exact NLL)."""
+    images, else the exact NLL; tables: the bound on their grid columns,
+    :func:`~pushforward.data.tabular.table_objective`)."""
+    if dataset.kind == "table":
+        from .data.tabular import table_objective
+
+        return table_objective(config, dataset, default_objective(model, dataset.train, "uniform"))
     return default_objective(model, dataset.train, config.dequantization)
 
 
@@ -129,12 +134,19 @@ def train_run(config: TrainConfig, resume: bool = False, overwrite: bool = False
     dist = setup(config.device)  # under torchrun: join the process group (fit uses it)
     dataset = load_dataset(config)
     flow = build_flow(config, dataset)
+    objective = run_objective(config, flow, dataset)
+    if dataset.kind == "table" and not resume:  # the Gaussian layer starts at the whole training set's fit
+        from .data.tabular import initialize_from_table
+
+        initialize_from_table(flow, dataset.train, objective, seed_from(config.seed, 4))
+    for note in dataset.info.get("notes", ()):
+        say(note)
     n_params = sum(p.numel() for p in flow.parameters())
     say(f"training {config.recipe} ({n_params:,} parameters) on {dataset.name}: "
         f"{n_examples(dataset.train)} train / {n_examples(dataset.val)} val / "
         f"{n_examples(dataset.test)} test examples -> {config.run_dir}")
-    history = fit(flow, dataset.train, dataset.val, config, objective=run_objective(config, flow, dataset),
-                  resume=resume, overwrite=overwrite and not resume, callback=callback)
+    history = fit(flow, dataset.train, dataset.val, config, objective=objective, resume=resume,
+                  overwrite=overwrite and not resume, callback=callback)
     dist.close()
     return history, dataset, flow
 
@@ -149,13 +161,21 @@ def eval_run(path: str | Path, split: str = "test", batch_size: int | None = Non
     run = open_run(path, checkpoint=checkpoint)
     dataset = load_dataset(run.config)
     data = {"test": dataset.test, "val": dataset.val, "train": dataset.train}[split]
+    objective = run_objective(run.config, run.flow, dataset)
     result = evaluate(run.flow, data, batch_size or run.config.eval_batch_size, seed=run.config.seed,
-                      device=run.config.device, classes=context_classes(run.config),
-                      objective=run_objective(run.config, run.flow, dataset))
+                      device=run.config.device, classes=context_classes(run.config), objective=objective)
     result = {"data": dataset.name, "split": split, "weights": str(run.weights), **result}
+    if dataset.kind == "table":  # the floor: the full-covariance Gaussian of the training rows, same objective
+        from .data.tabular import gaussian_baseline
+
+        result.update(gaussian_baseline(dataset.train, data, objective, batch_size or run.config.eval_batch_size,
+                                        seed_from(run.config.seed, 4)))
     if dataset.info.get("standardised"):
-        # x_std = (x - mean) / std has log|det| = -sum(log std), so log p(x) = log p(x_std) - sum(log std)
-        log_det = float(sum(math.log(s) for s in dataset.info["std"]))
+        # x_std = (x - mean) / std has log|det| = -sum(log std), so log p(x) = log p(x_std) - sum(log std);
+        # a dequantized grid column's bound is a code length of its discrete values, the same in any units
+        grid = dataset.info.get("grid_steps") if result.get("grid_columns") else None
+        log_det = float(sum(math.log(s) for j, s in enumerate(dataset.info["std"])
+                            if not (grid and grid[j] > 0)))
         result["space"] = "standardised"
         result["nll_original"] = result["nll"] + log_det
         result["nll_original_stderr"] = result["nll_stderr"]
@@ -179,7 +199,13 @@ def describe_eval(result: dict) -> str:
     bound = " (variational bound: -log p(y) + log q(u|x))" if variational else ""
     if result.get("bound"):  # a VAE (pushforward.vae)
         bound += f" ({result['bound']}: an upper bound on the VAE's NLL; see pushforward compare for IWAE)"
+    if result.get("grid_columns"):
+        bound += (f" (a bound on the discrete values of {len(result['grid_columns'])} grid column(s), "
+                  f"uniform noise of one grid step)")
     lines.append(f"  NLL          {result['nll']:.4f} +- {result['nll_stderr']:.4f} nats{space}{bound}")
+    if "gaussian_nll" in result:
+        lines.append(f"  Gaussian     {result['gaussian_nll']:.4f} +- {result['gaussian_nll_stderr']:.4f} "
+                     f"nats{space} (full-covariance Gaussian of the training rows, same objective: the floor)")
     if "nll_original" in result:
         lines.append(f"  NLL          {result['nll_original']:.4f} +- {result['nll_original_stderr']:.4f} "
                      "nats "

@@ -150,22 +150,47 @@ def is_table_file(data: str) -> bool:
 
 
 def table_splits(config: TrainConfig) -> Dataset:
-    """A seeded split by ``val_fraction`` / ``test_fraction``, standardised with the training statistics."""
-    from .tabular import load_table
+    """A seeded split by ``val_fraction`` / ``test_fraction``, standardised with the training statistics.
+
+    Constant columns are dropped (with a warning); columns on a grid are recorded in ``info`` (their
+    steps in standardised units), which :func:`~pushforward.data.tabular.table_objective` dequantizes.
+    Settings left as "sized to the table" (``-1``, model arguments ``"auto"``) are filled in from
+    the number of training rows (:func:`~pushforward.data.tabular.sized_defaults`).
+    """
+    from .tabular import apply_sized_defaults, load_table
 
     fractions = (1 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)
     table = load_table(config.data, split=fractions, seed=config.seed)
+    apply_sized_defaults(config, len(table.train), table.dim)
+    steps = table.steps.tolist() if table.steps is not None else [0.0] * table.dim
     info = {"standardised": True, "mean": table.mean.tolist(), "std": table.std.tolist(),
+            "columns": table.columns, "dropped": table.dropped, "grid_steps": steps,
             "note": "NLL is reported in the standardised space (training-set mean and std)"}
+    grid = table.grid_columns
+    notes = []
+    if grid and config.dequantization != "none":
+        notes.append(f"{len(grid)} of {table.dim} columns lie on a grid and are dequantized with uniform "
+                     f"noise of one grid step (the NLL is a bound on their discrete values; turn off with "
+                     f"--set dequantization=none): {', '.join(grid)}")
+    elif grid:
+        notes.append(f"{len(grid)} columns lie on a grid but dequantization=none: their NLL is a density on "
+                     f"a grid, unbounded below: {', '.join(grid)}")
+    if table.dropped:
+        notes.append(f"dropped {len(table.dropped)} constant column(s): {', '.join(table.dropped)}")
+    info["notes"] = notes
     return Dataset(Path(config.data).stem, "table", table.train, table.val, table.test, (table.dim,),
                    info=info)
 
 
-# density estimation on tables: the neural spline flow, as in the NSF paper's tabular tasks
+# density estimation on tables: the full-covariance Gaussian, then autoregressive splines (models.tabular);
+# -1 and "auto": sized to the number of training rows (data.tabular.sized_defaults)
 register("table", kind="table", load=table_splits, metavar="FILE.csv|.npy|.npz",
          claims=is_table_file,
-         help="a numeric table, standardised with the training rows' mean and std",
-         settings={"batch_size": 256, "lr": 1e-3, "epochs": 50, "warmup_steps": 200, "patience": 10},
-         recipe="nsf", models={"nsf": {"layers": 5, "hidden": [128, 128], "bins": 8},
-                               "realnvp": {"layers": 8, "hidden": [128, 128]},
-                               "nice": {"layers": 8, "hidden": [128, 128]}})
+         help="a numeric table, standardised with the training rows' mean and std; columns on a grid "
+              "are dequantized; the model starts at the full-covariance Gaussian",
+         settings={"batch_size": 256, "lr": 1e-3, "max_steps": -1, "val_every": -1, "warmup_steps": 100,
+                   "patience": 20},
+         recipe="tabular", models={"tabular": {"layers": "auto", "hidden": "auto"},
+                                   "nsf": {"layers": 5, "hidden": [128, 128], "bins": 8},
+                                   "realnvp": {"layers": 8, "hidden": [128, 128]},
+                                   "nice": {"layers": 8, "hidden": [128, 128]}})

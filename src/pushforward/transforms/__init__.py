@@ -14,6 +14,7 @@ from .coupling import (
 )
 from .elementwise import ActNorm, ElementwiseAffine, LeakyReLU, Logit, Sigmoid, Tanh
 from .linear import (
+    GaussianWhitening,
     InvertibleConv1x1,
     Linear,
     LowerTriangular,
@@ -37,6 +38,7 @@ __all__ = [
     "Coupling",
     "ElementwiseAffine",
     "FactorOut",
+    "GaussianWhitening",
     "HalfMask",
     "IndexMask",
     "InvertibleConv1x1",

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..core import Transform
 
 __all__ = [
+    "GaussianWhitening",
     "InvertibleConv1x1",
     "LULinear",
     "Linear",
@@ -98,6 +99,68 @@ class Triangular(Transform):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, upper={self.upper}"
+
+
+class GaussianWhitening(Triangular):
+    """``z = L^-1 (x - mean)``: a lower-triangular layer that starts at the full-covariance Gaussian of data.
+
+    Data-dependent (like :class:`~pushforward.transforms.ActNorm`): the first batch it sees in training
+    mode, or the batch given to :func:`pushforward.initialize`, sets ``mean`` and the Cholesky factor
+    ``L`` of the batch's (population) covariance ``L L^T``. A :class:`~pushforward.core.Flow` of this
+    layer and a standard normal base is then exactly the maximum-likelihood Gaussian of the batch; as
+    the first layer of a flow whose other layers start as the identity, the flow starts there.
+    Afterwards it is a trainable :class:`Triangular` (positive diagonal). Until initialised it is
+    the identity; an empty batch leaves it uninitialised; non-finite data is a ``ValueError``. A
+    singular covariance (fewer rows than features, collinear columns) gets the smallest ridge
+    ``jitter * trace / D * I`` (growing tenfold from ``jitter``) that makes it positive definite.
+
+    Args:
+        features: ``D``.
+        jitter: the first relative ridge tried when the covariance is singular.
+    """
+
+    initialized: Tensor
+
+    def __init__(self, features: int, jitter: float = 1e-9):
+        super().__init__(features, upper=False)
+        self.jitter = jitter
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def reset_initialization(self) -> None:
+        """Marks the layer uninitialised: the next training-mode batch (or ``initialize``) sets it."""
+        self.initialized.fill_(False)
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> None:
+        """Sets the layer to the Gaussian of ``x`` ``(N, D)`` (in float64) and marks it initialised."""
+        x64 = x.detach().reshape(-1, self.features).double()
+        if x64.shape[0] == 0:
+            return
+        if not bool(torch.isfinite(x64).all()):
+            raise ValueError("GaussianWhitening cannot be initialised from non-finite data")
+        mean = x64.mean(0)
+        centred = x64 - mean
+        cov = centred.T @ centred / x64.shape[0]
+        scale = float(cov.diagonal().mean()) or 1.0
+        eye = torch.eye(self.features, dtype=torch.float64, device=x.device)
+        ridge = 0.0
+        while True:
+            factor, info = torch.linalg.cholesky_ex(cov + ridge * scale * eye)
+            if int(info) == 0 and bool((factor.diagonal() > 0).all()):
+                break
+            ridge = self.jitter if ridge == 0 else 10 * ridge
+            if ridge > 1.0:
+                raise ValueError("GaussianWhitening: the covariance of the batch is not positive definite")
+        w = torch.linalg.solve_triangular(factor, eye, upper=False)  # L^-1, lower triangular
+        self.off_diagonal.copy_(w.tril(-1))
+        self.log_diag.copy_(w.diagonal().log())
+        self.bias.copy_(-(w @ mean))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized) and x.numel() > 0:
+            self.fit(x)
+        return super().forward(x, context)
 
 
 class LowerTriangular(Triangular):
