@@ -85,7 +85,7 @@ def test_class_conditional_training_sampling_and_eval(tmp_path, capsys):
     assert (lp.max(1).values - lp.min(1).values).min() > 1e-3  # the label changes the density
 
 
-def test_tabular_csv_defaults_to_nsf_and_reports_both_spaces(tmp_path):
+def test_tabular_csv_defaults_to_the_tabular_recipe_and_reports_both_spaces(tmp_path):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(500, 3, generator=g)
     x = torch.cat([z[:, :1] * 50 + 10, torch.sinh(z[:, 1:2]) * 0.01, z[:, 2:] + z[:, :1] ** 2], dim=1)
@@ -95,8 +95,9 @@ def test_tabular_csv_defaults_to_nsf_and_reports_both_spaces(tmp_path):
     assert main(["train", "--data", str(csv), "--run-dir", str(run), "--max-steps", "10", "--no-progress",
                  "--set", "model.hidden=[16]"]) == 0
     config = json.loads((run / "config.json").read_text())
-    assert config["flow"]["recipe"] == "nsf" and config["flow"]["kwargs"]["bins"] == 8
-    assert config["flow"]["kwargs"]["layers"] == 5 and config["flow"]["kwargs"]["autoregressive"] is False
+    # the Gaussian then autoregressive splines, sized to the 400 training rows (data.tabular.sized_defaults)
+    assert config["flow"]["recipe"] == "tabular" and config["flow"]["kwargs"]["bins"] == 8
+    assert config["flow"]["kwargs"]["layers"] == 3 and config["flow"]["kwargs"]["hidden"] == [16]
     result = eval_run(run)
     assert result["space"] == "standardised" and result["n"] == 50
     assert result["nll_stderr"] > 0 and result["nll_original_stderr"] == result["nll_stderr"]

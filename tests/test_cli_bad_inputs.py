@@ -249,3 +249,133 @@ def test_different_runs_of_one_data_set_get_different_default_directories():
     assert where(data="digits", recipe="vae") == "runs/digits-vae"
     assert where(data="digits", dequantization="variational") == "runs/digits-variational"
     assert where(data="fashion-mnist", condition="label") == "runs/fashion-mnist-label"
+
+
+# -- 6. every option and config key in its range, checked when the command line is parsed ----------------------
+RUN = "{run}"  # the existing run directory
+OVER = ["--run-dir", RUN, "--overwrite"]  # a bad value must not cost the run it would replace
+TRAIN = ["train", "--data", "moons", *TINY, *OVER]
+BAD_VALUES = [
+    # (id, argv, exit status, words the message holds)
+    ("batch_size=0", [*TRAIN, "--set", "batch_size=0"], 2, ["batch_size", "= 0", "integer >= 1"]),
+    ("batch_size=-5", [*TRAIN, "--set", "batch_size=-5"], 2, ["batch_size", "-5", "integer >= 1"]),
+    ("batch_size=1.5", [*TRAIN, "--set", "batch_size=1.5"], 2, ["batch_size", "1.5", "integer"]),
+    ("batch_size=true", [*TRAIN, "--set", "batch_size=true"], 2, ["batch_size", "true", "integer"]),
+    ("max-steps -5", [*TRAIN, "--max-steps", "-5"], 2, ["--max-steps", "'-5'", "integer >= -1"]),
+    ("epochs 0", [*TRAIN, "--epochs", "0"], 2, ["--epochs", "'0'", "integer >= 1"]),
+    ("epochs x", [*TRAIN, "--epochs", "x"], 2, ["--epochs", "'x'", "integer"]),
+    ("lr=0", [*TRAIN, "--set", "lr=0"], 2, ["'lr'", "= 0", "> 0"]),
+    ("lr=-1e-3", [*TRAIN, "--set", "lr=-1e-3"], 2, ["'lr'", "-0.001", "> 0"]),
+    ("lr=nan", [*TRAIN, "--set", "lr=nan"], 2, ["'lr'", "nan", "finite"]),
+    ("lr=inf", [*TRAIN, "--set", "lr=inf"], 2, ["'lr'", "inf", "finite"]),
+    ("lr=fast", [*TRAIN, "--set", "lr=fast"], 2, ["'lr'", "'fast'", "number"]),
+    ("lr_min=2", [*TRAIN, "--set", "lr_min=2"], 2, ["lr_min", "[0, 1]"]),
+    ("max-minutes -1", [*TRAIN, "--max-minutes", "-1"], 2, ["--max-minutes", "'-1'", ">= 0"]),
+    ("max-minutes nan", [*TRAIN, "--max-minutes", "nan"], 2, ["--max-minutes", "'nan'", "finite"]),
+    ("clip=-1", [*TRAIN, "--set", "clip=-1"], 2, ["clip", ">= 0"]),
+    ("warmup_steps=-1", [*TRAIN, "--set", "warmup_steps=-1"], 2, ["warmup_steps", ">= 0"]),
+    ("patience=-2", [*TRAIN, "--set", "patience=-2"], 2, ["patience", ">= 0"]),
+    ("weight_decay=-1", [*TRAIN, "--set", "weight_decay=-1"], 2, ["weight_decay", ">= 0"]),
+    ("n_train=0", [*TRAIN, "--set", "n_train=0"], 2, ["n_train", "integer >= 1"]),
+    ("eval_batch_size=0", [*TRAIN, "--set", "eval_batch_size=0"], 2, ["eval_batch_size", ">= 1"]),
+    ("threads=-1", [*TRAIN, "--set", "threads=-1"], 2, ["threads", ">= 0"]),
+    ("val_fraction=1.5", [*TRAIN, "--set", "val_fraction=1.5"], 2, ["val_fraction", "(0, 1)"]),
+    ("fractions sum", [*TRAIN, "--set", "val_fraction=0.6", "--set", "test_fraction=0.5"], 2,
+     ["val_fraction + test_fraction", "below 1"]),
+    ("seed -1", [*TRAIN, "--seed", "-1"], 2, ["--seed", "'-1'", "2**63"]),
+    ("seed=2**64", [*TRAIN, "--set", "seed=18446744073709551616"], 2, ["seed", "2**63"]),
+    ("progress=maybe", [*TRAIN, "--set", "progress=maybe"], 2, ["progress", "'maybe'", "true or false"]),
+    ("restore_best=2", [*TRAIN, "--set", "restore_best=2"], 2, ["restore_best", "true or false"]),
+    ("device gpu", [*TRAIN, "--device", "gpu"], 2, ["--device", "'gpu'", "cuda:N"]),
+    ("model.layers=0", [*TRAIN, "--set", "model.layers=0"], 2, ["model.layers", "= 0", "integer >= 1"]),
+    ("model.hidden=abc", [*TRAIN, "--set", "model.hidden=abc"], 2, ["model.hidden", "'abc'", "list of positive"]),
+    ("model.hidden=[0]", [*TRAIN, "--set", "model.hidden=[0]"], 2, ["model.hidden", "[0]", "list of positive"]),
+    ("model.hidden=[-3,4]", [*TRAIN, "--set", "model.hidden=[-3,4]"], 2, ["model.hidden", "positive"]),
+    ("model.scale_bound=-1", [*TRAIN, "--set", "model.scale_bound=-1"], 2, ["model.scale_bound", "> 0"]),
+    ("model.mask=diagonal", [*TRAIN, "--set", "model.mask=diagonal"], 2, ["diagonal"]),
+    ("model.features=3", [*TRAIN, "--set", "model.features=3"], 2, ["model.features", "from the data"]),
+    ("model.context_features", [*TRAIN, "--set", "model.context_features=3"], 2,
+     ["context_features", "class-conditional"]),
+    ("model.nosuch", [*TRAIN, "--set", "model.nosuch=1"], 2, ["'nosuch'", "arguments are"]),
+    ("nosuchkey", [*TRAIN, "--set", "nosuchkey=1"], 2, ["unknown config key", "'nosuchkey'", "valid keys"]),
+    ("set =5", [*TRAIN, "--set", "=5"], 2, ["--set", "key=value", "'=5'"]),
+    ("set lr", [*TRAIN, "--set", "lr"], 2, ["--set", "key=value", "'lr'"]),
+    ("set other.x", [*TRAIN, "--set", "other.x=1"], 2, ["model.<kwarg>", "'other.x'"]),
+    ("recipe nosuch", [*TRAIN, "--recipe", "nosuch"], 2, ["unknown recipe", "'nosuch'", "realnvp"]),
+    ("recipe glow on 2-D", [*TRAIN, "--recipe", "glow"], 2, ["'glow'", "models images", "2-D points", "realnvp"]),
+    ("recipe maf on digits", ["train", "--data", "digits", "--recipe", "maf", *OVER], 2,
+     ["'maf'", "models vectors", "images", "glow"]),
+    ("dequantizer.layers=0", ["train", "--data", "digits", "--dequantization", "variational",
+                              "--set", "dequantizer.layers=0", *OVER], 2, ["dequantizer.layers", ">= 1"]),
+    ("condition on 2-D", [*TRAIN, "--condition", "label"], 2, ["labelled data", "moons"]),
+    ("condition nope", [*TRAIN, "--condition", "nope"], 2, ["--condition", "'nope'", "label"]),
+    ("data nosuch", ["train", "--data", "nosuch", *OVER], 2, ["unknown dataset", "'nosuch'", "moons"]),
+    ("data missing.csv", ["train", "--data", "missing.csv", *OVER], 2, ["missing.csv"]),
+    # eval, sample, plot of the existing run
+    ("eval batch-size -4", ["eval", RUN, "--batch-size", "-4"], 2, ["--batch-size", "'-4'", "integer >= 1"]),
+    ("eval batch-size 0", ["eval", RUN, "--batch-size", "0"], 2, ["--batch-size", "'0'", ">= 1"]),
+    ("eval split", ["eval", RUN, "--split", "holdout"], 2, ["--split", "'holdout'", "test"]),
+    ("eval nothing there", ["eval", "{tmp}/nothing"], 2, ["no run", "nothing"]),
+    ("eval empty dir", ["eval", "{tmp}"], 2, ["neither best.safetensors nor checkpoint"]),
+    ("sample T -1", ["sample", RUN, "--temperature", "-1"], 2, ["--temperature", "'-1'", "> 0"]),
+    ("sample T 0", ["sample", RUN, "--temperature", "0"], 2, ["--temperature", "'0'", "> 0"]),
+    ("sample T nan", ["sample", RUN, "--temperature", "nan"], 2, ["--temperature", "'nan'", "finite"]),
+    ("sample T inf", ["sample", RUN, "--temperature", "inf"], 2, ["--temperature", "'inf'", "finite"]),
+    ("sample n 0", ["sample", RUN, "--n", "0"], 2, ["--n", "'0'", "[1, 100000]"]),
+    ("sample n huge", ["sample", RUN, "--n", "1000000000"], 2, ["--n", "[1, 100000]"]),
+    ("sample label -1", ["sample", RUN, "--label", "-1"], 2, ["--label", "'-1'", ">= 0"]),
+    ("sample label unconditional", ["sample", RUN, "--label", "3"], 2, ["--label", "class-conditional"]),
+    ("sample seed x", ["sample", RUN, "--seed", "x"], 2, ["--seed", "'x'"]),
+    ("plot nothing there", ["plot", "{tmp}"], 2, ["no metrics.jsonl"]),
+    # demo and compare
+    ("demo minutes -1", ["demo", "--minutes", "-1"], 2, ["--minutes", "'-1'", "> 0"]),
+    ("demo density", ["demo", "--density", "blob"], 2, ["--density", "'blob'", "moons"]),
+    ("compare ks 0", ["compare", "--data", "moons", "--ks", "1,0"], 2, ["--ks", "'0'", ">= 1"]),
+    ("compare ks abc", ["compare", "--data", "moons", "--ks", "abc"], 2, ["--ks", "'abc'"]),
+    ("compare ks empty", ["compare", "--data", "moons", "--ks", ","], 2, ["--ks", "at least one"]),
+    ("compare eval-n -1", ["compare", "--data", "moons", "--eval-n", "-1"], 2, ["--eval-n", ">= 0"]),
+    ("compare minutes 0", ["compare", "--data", "moons", "--minutes", "0"], 2, ["--minutes", "> 0"]),
+    ("compare minutes nan", ["compare", "--data", "moons", "--minutes", "nan"], 2, ["--minutes", "finite"]),
+    ("compare match", ["compare", "--data", "moons", "--match", "size"], 2, ["--match", "'size'", "params"]),
+    ("compare no data", ["compare"], 2, ["--data"]),
+    # the command line itself
+    ("no command", [], 2, ["required", "COMMAND"]),
+    ("unknown command", ["fit"], 2, ["invalid choice", "'fit'"]),
+    ("unknown option", ["eval", RUN, "--fast"], 2, ["unrecognized", "--fast"]),
+]
+
+
+def _config_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("argv, code, words", [case[1:] for case in BAD_VALUES], ids=[c[0] for c in BAD_VALUES])
+def test_bad_values_are_named_at_parse_time(trained, tmp_path, capsys, argv, code, words):
+    argv = [str(a).replace(RUN, str(trained)).replace("{tmp}", str(tmp_path)) for a in argv]
+    expect(argv, capsys, code, *words, existing=trained)
+
+
+@pytest.mark.parametrize("text, words", [
+    (None, ["no config file"]),
+    ('data = "moons"\nbatch_size = \n', ["not valid TOML"]),
+    ('data = "moons"\nbatch_sise = 64\n', ["unknown config key", "'batch_sise'", "batch_size"]),
+    ('data = "moons"\nlr = "fast"\n', ["'lr'", "'fast'", "number"]),
+    ('data = "moons"\nepochs = 0\n', ["'epochs'", "= 0", ">= 1"]),
+    ('data = "moons"\n[model]\nlayers = -1\n', ["model.layers", "-1", ">= 1"]),
+    ('data = "moons"\nmodel = 3\n', ["'model'", "table of keyword arguments"]),
+], ids=["missing", "syntax", "typo", "lr type", "epochs", "model.layers", "model type"])
+def test_bad_config_files(trained, tmp_path, capsys, text, words):
+    path = tmp_path / "c.toml" if text is None else _config_file(tmp_path, text)
+    expect(["train", "--config", path, "--run-dir", trained, "--overwrite"], capsys, 2, *words,
+           existing=trained)
+
+
+def test_every_config_key_and_option_has_a_rule():
+    import dataclasses
+
+    from pushforward.config import TrainConfig
+    from pushforward.options import CONFIG_RULES
+
+    assert set(CONFIG_RULES) == {f.name for f in dataclasses.fields(TrainConfig)}

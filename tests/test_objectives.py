@@ -231,7 +231,8 @@ def test_the_loop_knows_no_model_family():
     """No branch of the loop (or of evaluate) asks what the model is; the objective does the model-specific work."""
     from pushforward import train
 
-    loop = [train.fit, train._prepare, train._open, train._Order, train._initialise, train._optimizer_step,
+    loop = [train.fit, train._fit, train._prepare, train._load_state, train._start, train._Order, train._initialise,
+            train._optimizer_step,
             train._validation_figures, train._validate, train._loop, train._show, train._checkpoint, train.evaluate]
     for fn in loop:
         source = _code(fn)

@@ -169,8 +169,9 @@ def test_existing_run_needs_resume(tmp_path, moons):
 
 def test_early_stopping_and_time_budget(tmp_path, moons):
     train, val, _ = moons
-    # lr = 0 never improves on the first validation, so patience 2 stops at the third.
-    h = fit(small_flow(), train, val, small_config(tmp_path / "a", lr=0.0, patience=2, max_steps=200, val_every=10))
+    # lr = 1e-30 moves no weight by a float32 step (lr = 0 is refused): it never improves on the first
+    # validation, so patience 2 stops at the third.
+    h = fit(small_flow(), train, val, small_config(tmp_path / "a", lr=1e-30, patience=2, max_steps=200, val_every=10))
     assert h.stop_reason == "early_stopping" and h.step == 30 and h.best_step == 10
     h = fit(small_flow(), train, val, small_config(tmp_path / "b", max_minutes=1e-6, max_steps=1000))
     assert h.stop_reason == "time" and h.step == 1 and read_state(tmp_path / "b" / "run")["step"] == 1
@@ -194,7 +195,7 @@ def test_learning_rate_schedule():
 def test_config_typo_lists_the_valid_keys():
     with pytest.raises(ValueError, match=r"'batchsize'.*valid keys are: data, recipe, model, batch_size"):
         resolve_config({"batchsize": 3})
-    with pytest.raises(ValueError, match="expects int"):
+    with pytest.raises(ValueError, match="must be an integer"):
         config_from_dict({"epochs": "many"})
     with pytest.raises(ValueError, match="arguments are: features, layers, hidden"):
         from pushforward.config import model_kwargs

@@ -10,12 +10,15 @@ Run ``pushforward <command> --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .config import parse_overrides
 from .data import registry
+from .options import CONFIG_RULES, check_key, parse_option
 from .runtime import tune_allocator
 
 __all__ = ["build_parser", "main"]
@@ -25,6 +28,9 @@ __all__ = ["build_parser", "main"]
 def _overrides(args: argparse.Namespace) -> dict:
     """The config keys given by ``--set`` and by the dedicated flags (flags win)."""
     values = parse_overrides(args.set)
+    for key, value in values.items():  # checked before a flag replaces it (--set progress=maybe --no-progress)
+        if key in CONFIG_RULES:
+            check_key(key, value)
     for key in ("data", "run_dir", "max_minutes", "epochs", "max_steps", "seed", "device", "recipe",
                 "condition", "dequantization"):
         value = getattr(args, key, None)
@@ -100,11 +106,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import DEFAULT_KS, compare
 
-    ks = [int(k) for k in str(args.ks).split(",") if k.strip()] if args.ks is not None else DEFAULT_KS
+    ks = args.ks if args.ks is not None else DEFAULT_KS
     command = ["pushforward", "compare", "--data", args.data]
     for flag, value in (("--run-dir", args.run_dir), ("--match", args.match), ("--minutes", args.minutes),
                         ("--max-steps", args.max_steps), ("--flow", args.flow), ("--vae", args.vae),
-                        ("--flow-recipe", args.flow_recipe), ("--ks", args.ks), ("--eval-n", args.eval_n),
+                        ("--flow-recipe", args.flow_recipe),
+                        ("--ks", ",".join(map(str, args.ks)) if args.ks else None), ("--eval-n", args.eval_n),
                         ("--seed", args.seed)):
         if value is not None:
             command += [flag, str(value)]
@@ -119,6 +126,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: ``pushforward train: error: ... (see --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _typed(name: str):
+    """The ``type=`` of an option: its rule in :mod:`pushforward.options` (``command.option`` or a config key)."""
+
+    def convert(text: str):
+        try:
+            return parse_option(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name.rpartition(".")[2]
+    return convert
+
+
+def _ks(text: str) -> list[int]:
+    """``--ks 1,10,100``: positive sample counts."""
+    ks = [_typed("compare.ks")(k.strip()) for k in text.split(",") if k.strip()]
+    if not ks:
+        raise argparse.ArgumentTypeError(f"needs at least one sample count, got {text!r}")
+    return ks
+
+
 def _datasets_epilog() -> str:
     return "data sets (--data):\n" + registry.describe()
 
@@ -132,38 +167,57 @@ def _data_help() -> str:
     others = [n for n in registry.names() if n not in toys]
     files = _listed([e for e in registry.entries() if e.claims is not None])
     return (f"a toy density ({'|'.join(toys)}), {'|'.join(others)}, or {files} "
-            "(the list with each one's defaults: pushforward --help)")
+            "(the list with each one's defaults: pushforward --help; default: moons)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``pushforward`` parser; its data set help and choices come from the registry."""
+    """The ``pushforward`` parser; its data set help and choices come from the registry.
+
+    Every option has help text that states its default; a value out of its range (its rule in
+    :mod:`pushforward.options`) is a one-line usage error naming the option, the value and what is allowed.
+    """
     formatter = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="pushforward", formatter_class=formatter, epilog=_datasets_epilog(),
-                                description="Train, evaluate and sample normalizing flows.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="pushforward", formatter_class=formatter, epilog=_datasets_epilog(),
+                description="Train, evaluate and sample normalizing flows.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="train | eval | sample | plot | demo | compare (pushforward COMMAND --help)")
     data_help = _data_help()
     labelled = _listed([e for e in registry.entries() if e.classes])
     images = _listed([e for e in registry.entries() if e.kind == "image"])
+    from_data = "default: the data set's, see pushforward --help"
 
     t = sub.add_parser("train", help="train a flow (exact maximum likelihood)", epilog=_datasets_epilog(),
                        formatter_class=formatter,
                        description="Train a flow by exact maximum likelihood. Several processes (DDP): "
                                    "torchrun --nproc-per-node N -m pushforward train ... (batch_size is the "
-                                   "global batch; see docs/scaling.md).")
-    t.add_argument("--config", help="TOML file with TrainConfig keys ([model] table: recipe kwargs)")
+                                   "global batch; see docs/scaling.md). Ctrl-C or SIGTERM: finish the step, "
+                                   "save a checkpoint, stop (a second one aborts).")
+    t.add_argument("--config", metavar="FILE.toml",
+                   help="TOML file with TrainConfig keys ([model] table: recipe arguments; default: none)")
     t.add_argument("--data", help=data_help)
-    t.add_argument("--run-dir", dest="run_dir", help="run directory (default runs/<data>)")
-    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    t.add_argument("--run-dir", dest="run_dir",
+                   help="run directory (default: runs/<data>, plus -<recipe>, -label or -variational when "
+                        "they differ from the data set's default run)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint in --run-dir (or in the default directory of --data)")
     t.add_argument("--overwrite", action="store_true",
-                   help="delete a previous run's files in --run-dir first")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    t.add_argument("--max-minutes", dest="max_minutes", type=float, help="wall-clock budget")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--max-steps", dest="max_steps", type=int)
-    t.add_argument("--recipe", help="nice|realnvp|realnvp_image|glow|... (default: the data set's)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device", help="auto|cpu|cuda|cuda:N|mps (auto: cuda if available, else cpu; "
-                   "under torchrun auto/cuda mean cuda:LOCAL_RANK)")
+                   help="replace the run in --run-dir: its files are removed once the new data and model "
+                        "are built and checked")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. lr=5e-4 or model.hidden=[64,64] (repeatable; "
+                        "default: none)")
+    t.add_argument("--max-minutes", dest="max_minutes", type=_typed("train.max_minutes"), metavar="M",
+                   help="wall-clock budget; the run validates, saves and stops within it (default: 0, none)")
+    t.add_argument("--epochs", type=_typed("train.epochs"), metavar="N",
+                   help=f"passes over the training set ({from_data})")
+    t.add_argument("--max-steps", dest="max_steps", type=_typed("train.max_steps"), metavar="N",
+                   help="optimizer steps in all; the cosine schedule spans them (default: 0, --epochs decides)")
+    t.add_argument("--recipe", help=f"nice|realnvp|realnvp_image|glow|maf|iaf|nsf|vae|... ({from_data})")
+    t.add_argument("--seed", type=_typed("train.seed"), metavar="N",
+                   help="seeds the model, the split, the order and the noise (default: 0)")
+    t.add_argument("--device", type=_typed("train.device"),
+                   help="auto|cpu|cuda|cuda:N|mps (default: auto, cuda if available, else cpu; "
+                        "under torchrun auto/cuda mean cuda:LOCAL_RANK)")
     t.add_argument("--amp", action="store_true",
                    help="bf16 autocast in the conditioner networks (log-dets and loss stay float32); "
                         "for GPUs")
@@ -174,44 +228,52 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     t.add_argument("--condition", choices=("label",),
                    help=f"label: a class-conditional image model p(x | label), the one-hot label as context "
-                        f"(labelled data: {labelled})")
+                        f"(labelled data: {labelled}; default: unconditional)")
     t.add_argument("--dequantization", choices=("uniform", "variational"),
-                   help=f"images ({images}): uniform noise (default) or a variational dequantizer q(u | x) "
-                        "trained jointly (--set dequantizer.layers=4 --set dequantizer.hidden_channels=32)")
+                   help=f"images ({images}): uniform noise or a variational dequantizer q(u | x) trained "
+                        "jointly (--set dequantizer.layers=4 --set dequantizer.hidden_channels=32); "
+                        "default: uniform")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="test NLL / bits-per-dim and reconstruction error; writes eval.json")
     e.add_argument("run", help="run directory, checkpoint directory or .safetensors file")
-    e.add_argument("--split", default="test", choices=("test", "val", "train"))
-    e.add_argument("--batch-size", dest="batch_size", type=int)
+    e.add_argument("--split", default="test", choices=("test", "val", "train"),
+                   help="which split to score (default: test)")
+    e.add_argument("--batch-size", dest="batch_size", type=_typed("eval.batch_size"), metavar="N",
+                   help="examples per chunk; the noise is seeded per chunk (default: the run's eval_batch_size)")
     e.add_argument("--checkpoint", action="store_true",
                    help="use the last checkpoint instead of the best weights")
+    e.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="image grid, or 2-D samples and density map, as PNG")
-    s.add_argument("run")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--out", help="PNG path (default RUN/samples.png)")
+    s.add_argument("run", help="run directory, checkpoint directory or .safetensors file")
+    s.add_argument("--n", type=_typed("sample.n"), default=64, metavar="N",
+                   help="number of samples (default: 64)")
+    s.add_argument("--temperature", type=_typed("sample.temperature"), default=1.0, metavar="T",
+                   help="scale of the base density's samples, > 0 (default: 1.0)")
+    s.add_argument("--out", metavar="FILE.png", help="PNG path (default: RUN/samples[_T<t>].png)")
     s.add_argument("--interpolate", action="store_true",
                    help="also a latent interpolation between test images")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--label", type=int,
+    s.add_argument("--seed", type=_typed("sample.seed"), default=0, metavar="N",
+                   help="seed of the samples (default: 0)")
+    s.add_argument("--label", type=_typed("sample.label"), metavar="K",
                    help="class-conditional runs: sample this class (default: one row per class)")
     s.set_defaults(fn=cmd_sample)
 
     c = sub.add_parser("plot", help="training curves to PNG")
-    c.add_argument("run")
-    c.add_argument("--out")
+    c.add_argument("run", help="run directory (reads its metrics.jsonl)")
+    c.add_argument("--out", metavar="FILE.png", help="PNG path (default: RUN/curves.png)")
     c.set_defaults(fn=cmd_plot)
 
     d = sub.add_parser("demo", help="train, evaluate and plot a 2-D density and a digits model end to end")
-    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    d.add_argument("--minutes", type=float, default=3.0, help="total training time")
-    d.add_argument("--density", default="moons",
-                   help=f"2-D toy density ({'|'.join(registry.names('toy2d'))})")
-    d.add_argument("--images", default="digits",
-                   help=f"image data set ({'|'.join(registry.names('image'))}; '' to skip)")
+    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    d.add_argument("--minutes", type=_typed("demo.minutes"), default=3.0, metavar="M",
+                   help="total training time (default: 3.0)")
+    d.add_argument("--density", default="moons", choices=registry.names("toy2d"),
+                   help="2-D toy density (default: moons)")
+    d.add_argument("--images", default="digits", choices=[*registry.names("image"), ""],
+                   help="image data set, '' to skip (default: digits)")
     d.set_defaults(fn=cmd_demo)
 
     m = sub.add_parser("compare", help="flow vs VAE on the same data: exact NLL vs ELBO/IWAE, time, samples",
@@ -219,49 +281,73 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The lecture's flows-versus-VAEs comparison: trains (or reopens) a flow "
                                    "and a VAE on the same split and scores both on the same test examples "
                                    "(pushforward.compare).")
-    m.add_argument("--data", required=True, help=data_help)
-    m.add_argument("--run-dir", dest="run_dir", help="output directory (default runs/compare/<data>)")
+    m.add_argument("--data", required=True, help=data_help.replace("; default: moons", "; required"))
+    m.add_argument("--run-dir", dest="run_dir", help="output directory (default: runs/compare/<data>)")
     m.add_argument("--match", choices=("params", "time"), default="params",
-                   help="params: VAE width matched to the flow's parameter count, same steps (default); "
-                        "time: default sizes, --minutes of training each")
-    m.add_argument("--minutes", type=float,
-                   help="time mode: minutes per model (default 1); params mode: a cap per model")
-    m.add_argument("--max-steps", dest="max_steps", type=int,
-                   help="params mode: steps for both (default: the data's epochs)")
-    m.add_argument("--flow", help="reuse a trained flow run instead of training one")
-    m.add_argument("--vae",
-                   help="reuse a trained VAE run (pushforward train --recipe vae) instead of training one")
+                   help="params: VAE width matched to the flow's parameter count, same steps; "
+                        "time: default sizes, --minutes of training each (default: params)")
+    m.add_argument("--minutes", type=_typed("compare.minutes"), metavar="M",
+                   help="time mode: minutes per model (default: 1); params mode: a cap per model "
+                        "(default: none)")
+    m.add_argument("--max-steps", dest="max_steps", type=_typed("compare.max_steps"), metavar="N",
+                   help="params mode: steps for both (default: the data set's epochs)")
+    m.add_argument("--flow", metavar="RUN", help="reuse a trained flow run instead of training one (default: train one)")
+    m.add_argument("--vae", metavar="RUN",
+                   help="reuse a trained VAE run (pushforward train --recipe vae) instead of training one "
+                        "(default: train one)")
     m.add_argument("--flow-recipe", dest="flow_recipe", help="flow recipe (default: the data set's)")
-    m.add_argument("--ks", help="IWAE sample counts, comma-separated (default 1,10,100,1000)")
-    m.add_argument("--eval-n", dest="eval_n", type=int, default=500,
-                   help="test examples scored (default 500; 0: all). IWAE costs k decoder passes per example")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--ks", type=_ks, metavar="K,K,...",
+                   help="IWAE sample counts, comma-separated (default: 1,10,100,1000)")
+    m.add_argument("--eval-n", dest="eval_n", type=_typed("compare.eval_n"), default=500, metavar="N",
+                   help="test examples scored, 0: all; IWAE costs k decoder passes per example (default: 500)")
+    m.add_argument("--seed", type=_typed("compare.seed"), default=0, metavar="N",
+                   help="seed of both runs and of the scoring (default: 0)")
     m.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="config override for both models (repeatable)")
+                   help="config override for both models (repeatable; default: none)")
     m.add_argument("--flow-set", dest="flow_set", action="append", metavar="KEY=VALUE",
-                   help="override for the flow")
+                   help="override for the flow (repeatable; default: none)")
     m.add_argument("--vae-set", dest="vae_set", action="append", metavar="KEY=VALUE",
-                   help="override for the VAE")
+                   help="override for the VAE (repeatable; default: none)")
     m.add_argument("--overwrite", action="store_true", help="retrain runs already in the run directory")
     m.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
     m.set_defaults(fn=cmd_compare)
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs ``pushforward ARGV``; returns the exit status (2: a usage or input error, one line on stderr)."""
+    """Runs ``pushforward ARGV``; returns the exit status.
+
+    2: a usage or input error (nothing was changed), 1: a failure while working (a NaN loss, a full
+    disk; the message names what is intact), 130 / 143: stopped by Ctrl-C / SIGTERM after saving. An
+    error is one line on stderr; ``PUSHFORWARD_DEBUG=1`` shows the traceback of an unexpected one.
+    """
     args = build_parser().parse_args(argv)
     tune_allocator()  # reuse freed memory instead of page-faulting fresh pages every step (see runtime.py)
+    where = f"pushforward {args.command}"
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"pushforward {args.command}: error: {e}", file=sys.stderr, flush=True)
-        return 2
     except KeyboardInterrupt:
         from .runs import say
 
         say("interrupted")
         return 130
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            ImportError) as e:
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as e:
+        if os.environ.get("PUSHFORWARD_DEBUG"):
+            raise
+        print(f"{where}: internal error: {type(e).__name__}: {_one_line(e)} (PUSHFORWARD_DEBUG=1 shows the "
+              "traceback; please report it)", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

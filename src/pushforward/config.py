@@ -23,11 +23,13 @@ import copy
 import dataclasses
 import inspect
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .data.registry import DatasetEntry, entries, lookup
+from .options import check_key, check_recipe_kwargs
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,6 +41,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "TrainConfig",
+    "check_config",
     "config_from_dict",
     "context_classes",
     "dataset_entry",
@@ -160,32 +163,53 @@ def _field_names() -> list[str]:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Converts ``value`` to the type of field ``name`` (TOML and ``--set`` give loosely typed values)."""
-    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    """``value`` as the type of field ``name``, in its range (:data:`pushforward.options.CONFIG_RULES`)."""
+    return check_key(name, value)
+
+
+def check_config(config: TrainConfig, recipe: bool = True) -> TrainConfig:
+    """Checks every key of ``config`` against its rule (:mod:`pushforward.options`), the keys that
+    must agree (the split fractions; a recipe for the data's kind) and, with ``recipe``, ``model.*``
+    and ``dequantizer.*`` against the recipe's signature. Returns ``config``.
+
+    Raises:
+        ValueError: naming the key, the value and what is allowed.
+    """
+    for f in dataclasses.fields(TrainConfig):
+        check_key(f.name, getattr(config, f.name))
+    if config.val_fraction + config.test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction = {config.val_fraction} + {config.test_fraction} leaves "
+                         "no training data; their sum must be below 1")
+    if not recipe or not config.recipe:
+        return config
     try:
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if value.lower() in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "str":
-            return str(value)
-        if kind == "dict":
-            if not isinstance(value, dict):
-                raise ValueError
-            return dict(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config key {name!r} expects {kind}, got {value!r}") from None
-    return value
+        entry = lookup(str(config.data))
+    except ValueError:
+        entry = None  # reported when the data are loaded
+    params = _params(config.recipe) if config.recipe in _recipes() else {}
+    if entry is not None and (("shape" in params and entry.kind != "image")
+                              or ("features" in params and entry.kind == "image")):
+        want = "shape" if entry.kind == "image" else "features"
+        suitable = [r for r in _recipes() if want in _params(r) or "event_shape" in _params(r)]
+        kinds = {"image": "images (C, H, W)", "toy2d": "2-D points", "table": "rows of a table"}
+        raise ValueError(f"recipe {config.recipe!r} models {'images' if 'shape' in params else 'vectors'}, but "
+                         f"{config.data!r} holds {kinds.get(entry.kind, entry.kind)}; its recipes: "
+                         f"{', '.join(suitable)}")
+    check_recipe_kwargs(config.recipe, config.model, "model", conditional=config.condition == "label")
+    if config.dequantization == "variational":
+        check_recipe_kwargs("dequantized", config.dequantizer, "dequantizer")
+    return config
+
+
+def _recipes() -> dict[str, Any]:
+    from .models import RECIPES
+
+    return RECIPES
+
+
+def _params(recipe: str) -> Mapping[str, inspect.Parameter]:
+    fn = _recipes()[recipe]
+    return inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
@@ -314,7 +338,7 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         config_from_dict(defaults)
     except ValueError as e:
         raise ValueError(f"the registered defaults of data set {entry.name!r} are not valid: {e}") from None
-    return config_from_dict(merge(defaults, user))
+    return check_config(config_from_dict(merge(defaults, user)))
 
 
 def context_classes(config: TrainConfig) -> int:
@@ -357,12 +381,7 @@ def model_kwargs(config: TrainConfig, event_shape: tuple[int, ...]) -> dict[str,
     if "shape" in params and len(event_shape) != 3:
         raise ValueError(f"recipe {config.recipe!r} models images (C, H, W), "
                          f"but the data has event shape {event_shape}")
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        raise ValueError(
-            f"recipe {config.recipe!r} has no argument(s) {', '.join(map(repr, unknown))}; "
-            f"its arguments are: {', '.join(params)}"
-        )
+    check_recipe_kwargs(config.recipe, kwargs, "model", conditional=config.condition == "label")
     if "features" in params:
         kwargs["features"] = event_shape[0]
     elif "shape" in params:

@@ -24,6 +24,7 @@ from . import plot
 from .checkpoint import JSON_FILE, checkpoint_dir, read_state
 from .config import (
     TrainConfig,
+    check_config,
     config_from_dict,
     context_classes,
     dataset_entry,
@@ -93,7 +94,7 @@ def train_config(config_file: str | None = None, overrides: dict | None = None,
         raise FileNotFoundError(f"cannot resume: {run_dir} holds no checkpoint (start the run with "
                                 f"`pushforward train --run-dir {run_dir} ...` first)")
     recorded = config_from_dict(read_state(run_dir)["train_config"])
-    config = config_from_dict(merge(recorded.to_dict(), {**user, "run_dir": str(run_dir)}))
+    config = check_config(config_from_dict(merge(recorded.to_dict(), {**user, "run_dir": str(run_dir)})))
     changes = resume_changes(recorded, config)
     if changes:
         raise ValueError(f"cannot resume {run_dir} with {'; '.join(changes)}: a resumed run keeps its data, "

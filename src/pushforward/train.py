@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from .config import TrainConfig, config_from_dict, context_classes
+from .config import TrainConfig, check_config, config_from_dict, context_classes
 from .core import Flow
 from .distributed import Distributed, LossStep
 from .distributed import resolve_device as _resolve_device
@@ -442,6 +442,7 @@ class _Clock:
 def _prepare(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, objective: Objective | None,
              run_dir: str | Path | None) -> _Run:
     """Checks everything and builds the optimizer; nothing is written yet."""
+    check_config(config, recipe=False)  # every key in its range, also for a config built or changed in code
     out = Path(run_dir) if run_dir else (Path(config.run_dir) if config.run_dir else None)
     if out is not None and getattr(model, "recipe", None) is None:
         raise ValueError("writing a run directory needs a recipe-built model (model.recipe set), so checkpoints can "
