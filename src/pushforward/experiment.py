@@ -8,6 +8,7 @@ that data; :func:`open_run` reopens a finished (or interrupted) run for evaluati
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,27 @@ from .config import TrainConfig, config_from_dict, dataset_entry, model_kwargs
 from .core import Flow
 from .data.registry import Dataset
 
-__all__ = ["Dataset", "Run", "build_flow", "load_dataset", "open_run"]
+__all__ = ["TEST_BUDGET", "Dataset", "Run", "build_flow", "load_dataset", "open_run", "test_budget"]
 
 
 def _subset(data: Any, index: Tensor) -> Any:
     return data[index] if isinstance(data, Tensor) else data.subset(index)
+
+
+#: The environment variable that shrinks every run to a smoke test (the README's commands in the test suite).
+TEST_BUDGET = "PUSHFORWARD_TEST_BUDGET"
+
+
+def test_budget() -> int:
+    """``PUSHFORWARD_TEST_BUDGET=N``: every training run takes at most ``N`` optimizer steps and every split
+    is cut to its first ``max(16, 32 N)`` examples (``0``: unset, the normal behaviour). It makes the
+    README's commands run in seconds in the test suite; the figures it gives mean nothing."""
+    text = os.environ.get(TEST_BUDGET, "").strip()
+    if not text:
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{TEST_BUDGET}={text!r}: must be a number of steps >= 1 (or unset)")
+    return int(text)
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
@@ -32,11 +49,18 @@ def load_dataset(config: TrainConfig) -> Dataset:
 
     Each entry's loader says how it splits (see :mod:`pushforward.data.builtin`): toy densities draw
     fresh seeded samples per split, digits use a fixed split, tables a seeded split standardised with
-    the training statistics.
+    the training statistics. Under :func:`test_budget` every split is cut short.
     """
     ds = dataset_entry(config).load(config)
     if config.max_train > 0 and config.max_train < n_examples(ds.train):
         ds.train = _subset(ds.train, torch.arange(config.max_train))
+    if budget := test_budget():
+        keep = max(16, 32 * budget)
+        for split in ("train", "val", "test"):
+            data = getattr(ds, split)
+            if n_examples(data) > keep:
+                setattr(ds, split, _subset(data, torch.arange(keep)))
+        ds.info["test_budget"] = budget
     return ds
 
 

@@ -36,7 +36,7 @@ from .config import (
 )
 from .data import dequantize
 from .distributed import setup
-from .experiment import Dataset, Run, build_flow, load_dataset, n_examples, open_run, quantize
+from .experiment import Dataset, Run, build_flow, load_dataset, n_examples, open_run, quantize, test_budget
 from .io import atomic_write
 from .objectives import Batch, Objective, default_objective
 from .rundir import RUN_DIRS, RUN_FILES, clear_run
@@ -77,6 +77,9 @@ def train_config(config_file: str | None = None, overrides: dict | None = None,
     splits, the batch size) is an error.
     """
     file_values = load_toml(config_file) if config_file else {}
+    if budget := test_budget():  # the README's commands in the test suite: a few steps each
+        overrides = {**(overrides or {}), "max_steps": budget, "val_every": max(1, budget // 2),
+                     "max_minutes": 0}
     user = merge(file_values, dict(overrides or {}))
     if not resume:
         config = resolve_config(file_values, overrides)
@@ -359,7 +362,7 @@ def demo(out: str | Path = "runs/demo", minutes: float = 3.0, density: str = "mo
     for data, budget in plan:
         run_dir = out / data
         config = resolve_config({}, {"data": data, "run_dir": str(run_dir)})
-        config.max_steps = calibrate_steps(config, budget * 0.9)
+        config.max_steps = test_budget() or calibrate_steps(config, budget * 0.9)
         config.max_minutes = budget
         config.patience = 0
         config.val_every = max(1, config.max_steps // 20)
