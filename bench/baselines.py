@@ -227,7 +227,8 @@ def run_all(
         results[job.name] = json.loads((out / f"{job.name}.json").read_text())
         say(f"done {job.name}")
 
-    run_subprocesses(pending, command, workers, finished, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run_subprocesses(pending, command, workers, finished, cwd=REPO,
+                     env={**os.environ, "OMP_NUM_THREADS": "1"},
                      on_start=lambda job: say(f"start {job.name} ({job.budget_s:.0f} CPU s)"), poll_s=1.0)
     return [results[j.name] for j in jobs]
 
@@ -302,7 +303,7 @@ def commands(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (no write)")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (no write without --write)")
     p.add_argument(
         "--only",
         choices=("toy", "digits", "fashion-mnist"),
@@ -334,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--write", action="store_true",
-                   help="write BENCHMARKS.md even with --skip (the section lists the jobs left out)")
+                   help="write BENCHMARKS.md even with --quick, --only or --skip (the section lists the jobs "
+                   "left out by --skip)")
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -362,14 +364,15 @@ def main(argv: list[str] | None = None) -> int:
            if not any(r.get("reused") for r in results) else
            "the runs kept from earlier invocations (`--reuse`) may have shared the machine with other jobs: "
            "their CPU-time budgets do not depend on that, their wall times do.\n\n")
-        + "Each run trains through `pushforward train` for a budget of **CPU time** spent in optimizer steps on one "
-        "thread (its cost per step is measured first, the warm-up + cosine schedule spans exactly the steps that "
-        "fit, validations are not counted, the best validation weights are kept), then `pushforward eval` scores "
-        "the held-out test set: mean ± standard error over test examples. Images: uniform dequantization, bits/dim "
-        "= (NLL of the dequantized data + D log K) / (D log 2), the discrete code-length bound; digits have "
-        "K = 17 grey levels (180 test images), Fashion-MNIST K = 256 (the official 10,000 test images). The last "
-        "column is the largest reconstruction error over the test set. Fashion-MNIST has no published flow "
-        "bits/dim yet: these are the first public ones we know of.\n\n"
+        + "Each run trains through `pushforward train` for a budget of **CPU time** spent in optimizer steps "
+          "on one thread (its cost per step is measured first, the warm-up + cosine schedule spans exactly "
+          "the steps that fit, validations are not counted, the best validation weights are kept), then "
+          "`pushforward eval` scores the held-out test set: mean ± standard error over test examples. "
+          "Images: uniform dequantization, bits/dim = (NLL of the dequantized data + D log K) / (D log 2), "
+          "the discrete code-length bound; digits have K = 17 grey levels (180 test images), Fashion-MNIST K "
+          "= 256 (the official 10,000 test images). The last column is the largest reconstruction error over "
+          "the test set. Fashion-MNIST has no published flow bits/dim yet: these are the first public ones "
+          "we know of.\n\n"
         + table(results)
         + "\n\n"
         + _provenance(results)
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     say("\n" + text)
     (out / "baselines.json").write_text(json.dumps(results, indent=1))
-    if args.no_write or args.quick or args.only or (args.skip and not args.write):
+    if args.no_write or ((args.quick or args.only or args.skip) and not args.write):
         say("not writing BENCHMARKS.md (--quick, --only, --skip or --no-write)")
     else:
         say(f"wrote {write_section(SECTION, text)}")

@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as a script: make `bench.common` importable
@@ -60,7 +60,8 @@ from bench.common import (
 )
 from pushforward import models
 from pushforward.config import TrainConfig, resolve_config
-from pushforward.core import Compose, Flow
+from pushforward.core import Compose, Flow, Transform
+from pushforward.distributions import StandardNormal
 from pushforward.experiment import build_flow, load_dataset
 from pushforward.train import evaluate, fit
 from pushforward.transforms import Logit
@@ -100,10 +101,11 @@ def plan_for(quick: bool) -> Plan:
     if not quick:
         return Plan()
     return Plan(
-        features=16, batch=64, hidden=(16, 16), layers=2, rounds=2, round_s=0.01, toy_s=1.0, digits_s=1.0,
-        fashion_s=1.0, calib_s=0.3, densities=("moons",),
+        features=16, batch=64, hidden=(16, 16), layers=2, rounds=2, round_s=0.01, toy_s=0.3, digits_s=0.3,
+        fashion_s=0.3, calib_s=0.1, densities=("moons",),
         toy={"n_train": 2000, "n_val": 500, "n_test": 500, "model": {"layers": 2, "hidden": [16, 16]}},
-        digits={"max_train": 256, "model": {"hidden_channels": 8}, "dequantizer": {"layers": 2, "hidden_channels": 8}},
+        digits={"max_train": 256, "model": {"hidden_channels": 8},
+                "dequantizer": {"layers": 2, "hidden_channels": 8}},
         fashion={"max_train": 256, "model": {"hidden_channels": 8, "steps": 1},
                  "dequantizer": {"layers": 2, "hidden_channels": 8}},
         fashion_val=128, fashion_test=256, validations=2,
@@ -153,14 +155,14 @@ def table_a(res: dict) -> str:
         lp, sm = stats[f"{name}: log_prob"], stats[f"{name}: sample"]
         rows.append([f"`{name}`", lp.ms(2), lp.rate(b), p_density, sm.ms(2), sm.rate(b), p_sample])
     table = markdown_table(
-        ["model", "log_prob ms / batch", "log_prob rows/s", "passes per layer", "sample ms / batch", "sample rows/s",
-         "passes per layer"], rows)
+        ["model", "log_prob ms / batch", "log_prob rows/s", "passes per layer", "sample ms / batch",
+         "sample rows/s", "passes per layer"], rows)
     maf_ratio = stats["maf: sample"].median / stats["maf: log_prob"].median
     iaf_ratio = stats["iaf: log_prob"].median / stats["iaf: sample"].median
     return table + (
-        f"\n\nThe slow directions: MAF sampling costs {maf_ratio:.0f}x its density evaluation and IAF density costs "
-        f"{iaf_ratio:.0f}x its sampling, because inverting a masked autoregressive layer recovers the {d} "
-        f"coordinates one after the other ({d} sequential MADE passes per layer, "
+        f"\n\nThe slow directions: MAF sampling costs {maf_ratio:.0f}x its density evaluation and IAF "
+        f"density costs {iaf_ratio:.0f}x its sampling, because inverting a masked autoregressive layer "
+        f"recovers the {d} coordinates one after the other ({d} sequential MADE passes per layer, "
         "`pushforward.transforms.Autoregressive.inverse`). The coupling NSF is one pass per layer both ways."
     )
 
@@ -195,8 +197,9 @@ def train_equal_cpu(flow: Flow, train, val, config: TrainConfig, budget_s: float
     cpu, wall = time.process_time() - c0, time.monotonic() - t0
     say(f"    {hist.step} steps ({per_step * 1e3:.1f} ms CPU each), {cpu:.0f} s CPU / {wall:.0f} s wall "
         f"including validations, stopped: {hist.stop_reason}")
-    return {"steps": hist.step, "cpu_per_step": per_step, "cpu_s": cpu, "wall_s": wall, "stop": hist.stop_reason,
-            "params": sum(p.numel() for p in flow.parameters()), "batch_size": cfg.batch_size, "lr": cfg.lr,
+    return {"steps": hist.step, "cpu_per_step": per_step, "cpu_s": cpu, "wall_s": wall,
+            "stop": hist.stop_reason, "params": sum(p.numel() for p in flow.parameters()),
+            "batch_size": cfg.batch_size, "lr": cfg.lr,
             "n_train": len(train.images) if hasattr(train, "images") else len(train)}
 
 
@@ -205,17 +208,31 @@ def pm(mean: float, se: float, digits: int = 3) -> str:
 
 
 # -- (b) NSF vs RealNVP ----------------------------------------------------------------------------------
-class _Flat:
-    """An ``ImageData`` whose images are seen as vectors of ``C * H * W`` pixels."""
+class _OnVectors(Transform):
+    """``transform``, a transform of vectors of ``C * H * W`` features, applied to images ``(*, C, H, W)``."""
 
-    def __init__(self, data):
-        self.images, self.levels = data.images.flatten(1), data.levels
+    def __init__(self, transform: Transform, shape: Sequence[int]):
+        super().__init__()
+        self.transform, self.shape = transform, tuple(shape)
+
+    def forward(self, x, context=None):
+        z, ladj = self.transform(x.flatten(-3), context)
+        return z.unflatten(-1, self.shape), ladj
+
+    def inverse(self, z, context=None):
+        x, ladj = self.transform.inverse(z.flatten(-3), context)
+        return x.unflatten(-1, self.shape), ladj
 
 
-def vector_image_flow(recipe: str, features: int, **kwargs) -> Flow:
-    """A vector recipe with the images' logit preprocessing (``alpha = 0.05``) inside the flow."""
-    inner = models.RECIPES[recipe](features, **kwargs)
-    return Flow(Compose(Logit(0.05, event_dim=1), inner.transform), inner.base)
+def vector_image_flow(recipe: str, shape: Sequence[int], **kwargs) -> Flow:
+    """A vector recipe on flattened images, with the images' logit preprocessing (``alpha = 0.05``) inside.
+
+    The flow takes the images as they are (integer images dequantized by the objective); its base is
+    the standard normal of the image shape, the same density as the recipe's over the flattened vector.
+    """
+    inner = models.RECIPES[recipe](math.prod(shape), **kwargs)
+    transform = Compose(Logit(0.05, event_dim=3), _OnVectors(inner.transform, shape))
+    return Flow(transform, StandardNormal(tuple(shape)))
 
 
 def part_b(plan: Plan, cache: dict) -> dict:
@@ -240,11 +257,11 @@ def part_b(plan: Plan, cache: dict) -> dict:
     # digits: the 64 pixels as a vector, RealNVP vs NSF; the image RealNVP for reference
     config = resolve_config({}, {"data": "digits", "threads": 1, "seed": 0, **plan.digits})
     ds = load_dataset(config)
-    train, val, test = _Flat(ds.train), _Flat(ds.val), _Flat(ds.test)
-    hidden = list(plan.hidden)
+    train, val, test = ds.train, ds.val, ds.test
+    hidden, shape = list(plan.hidden), tuple(ds.train.images.shape[1:])
     for name, build in (
-        ("realnvp", lambda: vector_image_flow("realnvp", 64, layers=8, hidden=hidden)),
-        ("nsf", lambda: vector_image_flow("nsf", 64, layers=plan.layers, hidden=hidden, bins=8)),
+        ("realnvp", lambda: vector_image_flow("realnvp", shape, layers=8, hidden=hidden)),
+        ("nsf", lambda: vector_image_flow("nsf", shape, layers=plan.layers, hidden=hidden, bins=8)),
     ):
         torch.manual_seed(0)
         flow = build()
@@ -266,8 +283,8 @@ def table_b(res: dict, plan: Plan) -> str:
             r = row[recipe]
             cells += [pm(r["eval"]["nll"], r["eval"]["nll_stderr"]), f"{r['steps']}"]
         rows.append(cells)
-    toy = markdown_table(["density", "true entropy (nats, the floor)", "RealNVP test NLL (nats)", "RealNVP steps",
-                          "NSF test NLL (nats)", "NSF steps"], rows)
+    toy = markdown_table(["density", "true entropy (nats, the floor)", "RealNVP test NLL (nats)",
+                          "RealNVP steps", "NSF test NLL (nats)", "NSF steps"], rows)
     first = next(iter(res["toy"].values()))["nsf"]
     d = res["digits"]
     labels = {"realnvp": "`realnvp` on the 64 pixels as a vector (8 layers)",
@@ -278,11 +295,13 @@ def table_b(res: dict, plan: Plan) -> str:
     digits = markdown_table(["digits model", "parameters", "steps", "test bits/dim"], rows)
     return (
         f"2-D densities: {plan.toy_s:g} CPU-seconds of training steps each (batch {first['batch_size']}, lr "
-        f"{first['lr']:g}, {first['n_train']} training points), test NLL on {first['eval']['n']} fresh points. RealNVP: 8 affine couplings; NSF: {plan.layers} rational-quadratic "
-        f"spline couplings with 8 bins; both MLP conditioners with hidden {tuple(plan.hidden)}.\n\n{toy}\n\n"
-        f"Digits ({d['nsf']['n_train']} training images, 17 grey levels, the fixed {d['nsf']['eval']['n']}-image "
-        f"test split): {plan.digits_s:g} CPU-seconds of training steps each, batch {d['nsf']['batch_size']}, uniform dequantization; the vector flows get the "
-        f"same logit preprocessing (alpha 0.05) inside the flow as the image recipes.\n\n{digits}"
+        f"{first['lr']:g}, {first['n_train']} training points), test NLL on {first['eval']['n']} fresh "
+        f"points. RealNVP: 8 affine couplings; NSF: {plan.layers} rational-quadratic spline couplings with 8 "
+        f"bins; both MLP conditioners with hidden {tuple(plan.hidden)}.\n\n{toy}\n\nDigits "
+        f"({d['nsf']['n_train']} training images, 17 grey levels, the fixed {d['nsf']['eval']['n']}-image "
+        f"test split): {plan.digits_s:g} CPU-seconds of training steps each, batch {d['nsf']['batch_size']}, "
+        "uniform dequantization; the vector flows get the same logit preprocessing (alpha 0.05) inside the "
+        f"flow as the image recipes.\n\n{digits}"
     )
 
 
@@ -292,7 +311,8 @@ def image_run(data: str, dequantization: str, plan: Plan, cache: dict) -> dict:
     if key in cache:
         return cache[key]
     extra = plan.digits if data == "digits" else plan.fashion
-    config = resolve_config({}, {"data": data, "dequantization": dequantization, "threads": 1, "seed": 0, **extra})
+    config = resolve_config({}, {"data": data, "dequantization": dequantization, "threads": 1, "seed": 0,
+                                 **extra})
     ds = load_dataset(config)
     val, test = ds.val, ds.test
     budget = plan.digits_s if data == "digits" else plan.fashion_s
@@ -308,8 +328,8 @@ def image_run(data: str, dequantization: str, plan: Plan, cache: dict) -> dict:
     run["recipe"], run["model"], run["dequantizer"] = config.recipe, config.model, config.dequantizer
     run["n_train"], run["n_val"] = len(ds.train), len(val)
     e = run["eval"]
-    say(f"    test {pm(e['bpd'], e['bpd_stderr'])} bits/dim"
-        + (f" (uniform noise: {pm(e['uniform_bpd'], e['uniform_bpd_stderr'])})" if "uniform_bpd" in e else ""))
+    noise = f" (uniform noise: {pm(e['uniform_bpd'], e['uniform_bpd_stderr'])})" if "uniform_bpd" in e else ""
+    say(f"    test {pm(e['bpd'], e['bpd_stderr'])} bits/dim{noise}")
     cache[key] = run
     return run
 
@@ -336,14 +356,14 @@ def table_c(res: dict, plan: Plan) -> str:
     fm = res["fashion-mnist"]["uniform"]
     return (
         f"Budgets: digits {plan.digits_s:g} CPU-seconds of training steps per run (batch 64), Fashion-MNIST "
-        f"{plan.fashion_s:g} (batch 64, {fm['n_train']} training images, validation on {fm['n_val']} held-out "
-        f"training images); the dataset defaults otherwise (the data set registry, `pushforward/data/builtin.py`), warm-up "
-        f"shortened to a tenth of the steps. Short budgets: these compare the two objectives early in "
-        f"training, not converged models. The variational run spends part of its budget on the dequantizer, "
-        f"so it takes fewer steps. Test bits/dim with one seeded noise sample per test image; the variational "
-        f"figure is the bound `(E_q[-log p(y) + log q(u|x)] + D ln K) / (D ln 2)` "
-        f"(`pushforward.metrics.bits_per_dim` with nll = -log p(y) + log q), which is a valid upper bound on "
-        f"the discrete code length just as the uniform one (log q = 0) is.\n\n{table}"
+        f"{plan.fashion_s:g} (batch 64, {fm['n_train']} training images, validation on {fm['n_val']} "
+        "held-out training images); the dataset defaults otherwise (the data set registry, "
+        "`pushforward/data/builtin.py`), warm-up shortened to a tenth of the steps. Short budgets: these "
+        "compare the two objectives early in training, not converged models. The variational run spends part "
+        "of its budget on the dequantizer, so it takes fewer steps. Test bits/dim with one seeded noise "
+        "sample per test image; the variational figure is the bound `(E_q[-log p(y) + log q(u|x)] + D ln K) "
+        "/ (D ln 2)` (`pushforward.metrics.bits_per_dim` with nll = -log p(y) + log q), which is a valid "
+        f"upper bound on the discrete code length just as the uniform one (log q = 0) is.\n\n{table}"
     )
 
 
@@ -351,7 +371,8 @@ def table_c(res: dict, plan: Plan) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run on tiny models (no write)")
-    p.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these parts (repeatable)")
+    p.add_argument("--only", choices=("a", "b", "c"), action="append",
+                   help="run only these parts (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick")
@@ -384,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Beyond RealNVP: autoregressive costs, NSF vs RealNVP, variational dequantization\n\n"
         f"Written by `{command_line(sys.argv if argv is None else ['bench/beyond.py', *argv])}` "
         f"on {time.strftime('%Y-%m-%d')} ({elapsed / 60:.1f} min); library at {library_revision()}.\n"
-        f"{machine_line()}; 1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-        f"(a shared machine: timings in (a) are wall clock, interleaved).\n\n"
+        f"{machine_line()}; 1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+        "end (a shared machine: timings in (a) are wall clock, interleaved).\n\n"
         "Equal training time means an equal budget of CPU seconds spent in optimizer steps on one thread "
         "(each candidate's cost per step is measured first, then it trains for that many steps with "
         "`pushforward.train.fit`, validations not counted), so other jobs on the machine do not shorten one "

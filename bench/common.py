@@ -6,7 +6,8 @@
 * :func:`machine_line` says where the figures come from (CPU model, core count, torch, threads).
 * :func:`run_subprocesses` runs jobs as subprocesses, a few at a time (training runs side by side).
 * :func:`write_section` replaces one marked section of ``BENCHMARKS.md`` atomically, so every
-  figure there is written by a script and never typed by hand.
+  figure there is written by a script and never typed by hand. ``PUSHFORWARD_BENCHMARKS=path``
+  sends every script's sections (and figures) to another file instead (the smoke tests do).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = REPO / "BENCHMARKS.md"
+BENCHMARKS = Path(os.environ.get("PUSHFORWARD_BENCHMARKS") or REPO / "BENCHMARKS.md")
 
 
 @dataclass
@@ -74,7 +75,8 @@ class Stats:
 
     def rate(self, items: int, digits: int = 0) -> str:
         """Items per second from the median, with the range from the slowest and fastest rounds."""
-        return f"{items / self.median:,.{digits}f} ({items / self.max:,.{digits}f}-{items / self.min:,.{digits}f})"
+        fast, slow = items / self.min, items / self.max
+        return f"{items / self.median:,.{digits}f} ({slow:,.{digits}f}-{fast:,.{digits}f})"
 
 
 def interleaved(
@@ -93,9 +95,9 @@ def interleaved(
     of that chunk is one value of its :class:`Stats`. ``sync`` (e.g. ``torch.cuda.synchronize``) is
     called before reading the clock. If ``cpu`` is a dict, it receives the same figures measured with
     the process CPU clock (:func:`time.process_time`, all threads); wall time well above CPU time on
-    one thread means the process was waiting (descheduled by other jobs, or blocked). The garbage collector is run once and then paused while timing
-    (as :mod:`timeit` does): a full collection costs a large fraction of a second once torch's
-    compiler is loaded, far more than a step.
+    one thread means the process was waiting (descheduled by other jobs, or blocked). The garbage
+    collector is run once and then paused while timing (as :mod:`timeit` does): a full collection
+    costs a large fraction of a second once torch's compiler is loaded, far more than a step.
     """
     names = list(candidates)
     per = {n: steps[n] if isinstance(steps, dict) else steps for n in names}
@@ -174,8 +176,9 @@ def run_subprocesses(
                 if on_start is not None:
                     on_start(item)
                 out = subprocess.PIPE if capture else None
-                proc = subprocess.Popen(command(item), stdout=out, stderr=subprocess.STDOUT if capture else None,
-                                        text=True, env=env, cwd=cwd)
+                proc = subprocess.Popen(command(item), stdout=out,
+                                        stderr=subprocess.STDOUT if capture else None, text=True, env=env,
+                                        cwd=cwd)
                 running.append((item, proc))
             time.sleep(poll_s)
             for entry in list(running):
@@ -266,8 +269,13 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    """A markdown table; a ``|`` inside a cell is escaped (``\\|``) unless it already is."""
+
+    def cell(c: object) -> str:
+        return re.sub(r"(?<!\\)\|", r"\\|", str(c))
+
+    lines = ["| " + " | ".join(map(cell, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -411,7 +411,7 @@ def training_tables(results: list[TaskResult]) -> tuple[str, str, list[bool], li
                 continue
             q, lo, hi = ratio_range(s[name], s[BARE])
             rows.append([r.spec.name, name, s[name].ms(), f"{q:.2f}x ({lo:.2f}-{hi:.2f})"])
-        for name, label, bound, holds in (
+        for name, label, _bound, holds in (
             (
                 EAGER,
                 f"eager / bare networks <= {EAGER_TARGET:.2f}x",
@@ -488,25 +488,24 @@ def report(args, command, revision, load0, load1, elapsed, train, tables, profil
         "",
         (
             f"Library: git {revision}. Machine: {machine_line()}. Load average (1 min) {load0:.2f} at start, "
-            f"{load1:.2f} at end (a shared machine: other jobs ran meanwhile). Compile backend: {args.backend}, "
-            f"inductor cache: {args.cache}. Total run time {elapsed:.0f} s."
+            f"{load1:.2f} at end (a shared machine: other jobs ran meanwhile). Compile backend: "
+            f"{args.backend}, inductor cache: {args.cache}. Total run time {elapsed:.0f} s."
         ),
         "",
         (
-            f"Candidates interleaved round-robin: {args.rounds} rounds, each running every candidate for the same "
-            f"number of steps ({steps}) after {warm}; median over rounds with min-max. Clock: "
-            + ("**process CPU time** (`time.process_time`; on one thread it excludes the time the process waited "
-               "for a core held by other jobs, so the ratios are steadier on a shared machine). "
+            f"Candidates interleaved round-robin: {args.rounds} rounds, each running every candidate for the "
+            f"same number of steps ({steps}) after {warm}; median over rounds with min-max. Clock: "
+            + ("**process CPU time** (`time.process_time`; on one thread it excludes the time the process "
+               "waited for a core held by other jobs, so the ratios are steadier on a shared machine). "
                if args.clock == "cpu" else "wall time (`time.perf_counter`). ")
-            + "Ratios: ratio "
-            "of the medians, with the range of the per-round ratios in brackets. *bare networks* = deep copies "
-            "of the flow's conditioner networks run alone on inputs of the sizes they see inside the flow, loss "
-            "= sum of the output means, backward, the same Adam (lr=1e-4). The flows train on "
-            "`-log_prob(x).mean()`; *compiled* = `torch.compile(flow.log_prob, fullgraph=True, dynamic=False)` "
-            "(the optimizer step is eager in every candidate). Diagnostics: *validate=False* switches off the "
-            "flow's input checks; *inputs require grad* adds to the bare networks the gradient with respect to "
-            "their inputs, which a flow must compute (each conditioner input but the first depends on "
-            "parameters)."
+            + "Ratios: ratio of the medians, with the range of the per-round ratios in brackets. *bare "
+              "networks* = deep copies of the flow's conditioner networks run alone on inputs of the sizes "
+              "they see inside the flow, loss = sum of the output means, backward, the same Adam (lr=1e-4). "
+              "The flows train on `-log_prob(x).mean()`; *compiled* = `torch.compile(flow.log_prob, "
+              "fullgraph=True, dynamic=False)` (the optimizer step is eager in every candidate). "
+              "Diagnostics: *validate=False* switches off the flow's input checks; *inputs require grad* "
+              "adds to the bare networks the gradient with respect to their inputs, which a flow must "
+              "compute (each conditioner input but the first depends on parameters)."
         ),
         "",
         "### Training step",
@@ -526,9 +525,9 @@ def report(args, command, revision, load0, load1, elapsed, train, tables, profil
         t2,
         "",
         (
-            "Each verdict is on the ratio of the medians; *rounds meeting it* counts the interleaved rounds whose "
-            "own ratio meets the target. Anything but all or none of the rounds means the verdict lies within "
-            "the noise of this machine."
+            "Each verdict is on the ratio of the medians; *rounds meeting it* counts the interleaved rounds "
+            "whose own ratio meets the target. Anything but all or none of the rounds means the verdict lies "
+            "within the noise of this machine."
         ),
         "",
         "### Throughput without grad (batch as in training)",
@@ -545,10 +544,10 @@ def report(args, command, revision, load0, load1, elapsed, train, tables, profil
             f"### Where the eager overhead goes: {r.spec.name}",
             "",
             (
-                f"torch.profiler over {pf.steps} eager steps of each; self CPU per step (the profiler inflates "
-                f"small ops). Total: flow {pf.total_us:.0f} us, bare networks {pb.total_us:.0f} us; ops called "
-                f"equally often in both differ by {same:+.0f} us in total (the same work: noise and cache "
-                "effects). Ops the flow calls more often, largest excess first:"
+                f"torch.profiler over {pf.steps} eager steps of each; self CPU per step (the profiler "
+                f"inflates small ops). Total: flow {pf.total_us:.0f} us, bare networks {pb.total_us:.0f} us; "
+                f"ops called equally often in both differ by {same:+.0f} us in total (the same work: noise "
+                "and cache effects). Ops the flow calls more often, largest excess first:"
             ),
             "",
             diff_table(diff[:10]),
@@ -629,8 +628,9 @@ def _run(args, threads: int, write: bool, log) -> int:
     )
     if load0[0] > (os.cpu_count() or 1):
         log(
-            f"WARNING: load average {load0[0]:.2f} exceeds the {os.cpu_count()} cores: other jobs compete for the "
-            "CPU, figures will be noisy (ratios are fairer than absolute times: candidates are interleaved)"
+            f"WARNING: load average {load0[0]:.2f} exceeds the {os.cpu_count()} cores: other jobs compete "
+            "for the CPU, figures will be noisy (ratios are fairer than absolute times: candidates are "
+            "interleaved)"
             + (
                 "; with several threads per process, intra-op thread pools stall badly (try --threads 1)"
                 if threads > 1
@@ -659,9 +659,8 @@ def _run(args, threads: int, write: bool, log) -> int:
         pf = profile_step(r.eager_fns[EAGER], k, rows=15)
         pb = profile_step(r.eager_fns[BARE], k, rows=15)
         diff, same = profile_diff(pf, pb, rows=12)
-        log(
-            f"\n== Profile {r.spec.name}, pushforward eager step ({k} steps; top ops by self CPU):\n{pf.table}"
-        )
+        log(f"\n== Profile {r.spec.name}, pushforward eager step ({k} steps; top ops by self CPU):\n"
+            f"{pf.table}")
         log(f"== Profile {r.spec.name}, bare networks step:\n{pb.table}")
         log(f"== Where the excess goes ({r.spec.name}; per step, profiler on, so small ops look costlier):")
         log(

@@ -18,6 +18,7 @@ Usage::
 
     python bench/ddp_throughput.py                 # 5 rounds (~10 min on 2 idle cores), writes BENCHMARKS.md
     python bench/ddp_throughput.py --quick         # 1 round of a few steps, no write (smoke test)
+    python bench/ddp_throughput.py --tasks "moons realnvp"   # one task; --write, --no-write
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def worker(args) -> None:
     fit(flow, dataset.train, dataset.val, config, callback=clock)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.out).write_text(json.dumps({
-            "seconds": marks[total][0] - marks[args.warmup][0], "cpu_seconds": marks[total][1] - marks[args.warmup][1],
+            "seconds": marks[total][0] - marks[args.warmup][0],
+            "cpu_seconds": marks[total][1] - marks[args.warmup][1],
             "steps": args.steps, "batch_size": config.batch_size,
             "world": int(os.environ.get("WORLD_SIZE", "1")), "threads": torch.get_num_threads(),
         }))
@@ -81,13 +83,14 @@ def launch(task: str, processes: int, threads: int, steps: int, warmup: int) -> 
     data, recipe, _, _ = TASKS[task]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-               os.path.abspath(__file__), "--worker", "--data", data, "--recipe", recipe, "--threads", str(threads),
-               "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(processes), os.path.abspath(__file__), "--worker", "--data", data, "--recipe", recipe,
+               "--threads", str(threads), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not out.exists():
-            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                               f"{done.stderr[-3000:]}")
         return json.loads(out.read_text())
 
 
@@ -102,7 +105,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: per task)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="1 round of 10 steps; prints, does not write")
-    p.add_argument("--no-write", dest="write", action="store_false", help="print only, leave BENCHMARKS.md")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS),
+                   help="tasks to time (default: all; fewer: does not write)")
+    p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md")
+    p.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick or --tasks")
     p.add_argument("--with-threads", action="store_true", help="also time 1 process x 2 threads")
     args = p.parse_args()
     if args.worker:
@@ -120,16 +126,19 @@ def main() -> None:
         write_section,
     )
 
+    partial = args.quick or set(args.tasks) != set(TASKS)
+    write = not args.no_write and (args.write or not partial)
     if args.quick:
-        args.rounds, args.steps, args.warmup, args.write = 1, 10, 3, False
-    stats = {(t, c): Stats() for t in TASKS for c in CANDIDATES}
-    busy = {(t, c): Stats() for t in TASKS for c in CANDIDATES}  # rank 0's CPU time / wall time
+        args.rounds, args.steps, args.warmup = 1, 10, 3
+    tasks = {t: TASKS[t] for t in args.tasks}
+    stats = {(t, c): Stats() for t in tasks for c in CANDIDATES}
+    busy = {(t, c): Stats() for t in tasks for c in CANDIDATES}  # rank 0's CPU time / wall time
     batch, loads = {}, []
     names = list(CANDIDATES)
     t_start = time.monotonic()
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
-        for task, (_, _, steps, warmup) in TASKS.items():
+        for task, (_, _, steps, warmup) in tasks.items():
             k = r % len(names)
             for cand in names[k:] + names[:k]:
                 processes, threads = CANDIDATES[cand]
@@ -138,23 +147,25 @@ def main() -> None:
                 stats[task, cand].values.append(res["seconds"] / samples)  # seconds per sample
                 busy[task, cand].values.append(res["cpu_seconds"] / res["seconds"])
                 batch[task] = res["batch_size"]
-                print(f"round {r + 1}/{args.rounds} {task:22s} {cand:24s} {samples / res['seconds']:9,.0f} samples/s"
-                      f" (load {os.getloadavg()[0]:.1f})", flush=True)
+                print(f"round {r + 1}/{args.rounds} {task:22s} {cand:24s} "
+                      f"{samples / res['seconds']:9,.0f} samples/s (load {os.getloadavg()[0]:.1f})",
+                      flush=True)
     minutes = (time.monotonic() - t_start) / 60
 
     two, one = "2 processes x 1 thread", "1 process x 1 thread"
     rows = []
-    for task in TASKS:
+    for task in tasks:
         speedup = stats[task, one].median / stats[task, two].median
         rows.append([task, batch[task], *(stats[task, c].rate(1) for c in CANDIDATES), f"{speedup:.2f}x"])
     headers = ["task (dataset default recipe)", "global batch", *(f"{c} (samples/s)" for c in CANDIDATES),
                "2 processes / 1 process"]
-    busy_rows = [[task, *(f"{busy[task, c].median:.2f}" for c in CANDIDATES)] for task in TASKS]
-    share = min(busy[task, one].median for task in TASKS)
+    busy_rows = [[task, *(f"{busy[task, c].median:.2f}" for c in CANDIDATES)] for task in tasks]
+    share = min(busy[task, one].median for task in tasks)
     caution = "" if share >= 0.8 else (
-        f"**Caution:** in the one-process runs rank 0 got only {share:.2f} of a core (CPU time per wall second): "
-        "other jobs were using this machine, so these figures measure two processes competing with them, not "
-        "the speed-up on two idle cores. Rerun `python bench/ddp_throughput.py` on an idle machine for that.")
+        f"**Caution:** in the one-process runs rank 0 got only {share:.2f} of a core (CPU time per wall "
+        "second): other jobs were using this machine, so these figures measure two processes competing with "
+        "them, not the speed-up on two idle cores. Rerun `python bench/ddp_throughput.py` on an idle machine "
+        "for that.")
     text = "\n".join([
         "## Data-parallel training: 1 vs 2 processes (torchrun + DDP, gloo)",
         "",
@@ -184,7 +195,7 @@ def main() -> None:
          "-m pushforward train --data moons --set threads=1` (the progress bar shows samples/s)."),
     ])
     print("\n" + text)
-    if args.write:
+    if write:
         print(f"wrote {write_section('ddp-throughput', text)}")
 
 

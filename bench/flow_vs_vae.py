@@ -36,10 +36,18 @@ if __package__ in (None, ""):  # run as a script: make `bench.common` importable
 
 import torch
 
-from bench.common import REPO, command_line, library_revision, machine_line, markdown_table, write_section
+from bench.common import (
+    BENCHMARKS,
+    REPO,
+    command_line,
+    library_revision,
+    machine_line,
+    markdown_table,
+    write_section,
+)
 
 SECTION = "flow_vs_vae"
-FIGURES = REPO / "bench" / "figures" / "flow_vs_vae"
+FIGURES = BENCHMARKS.parent / "bench" / "figures" / "flow_vs_vae"  # linked relative to BENCHMARKS.md
 
 
 @dataclass
@@ -64,7 +72,8 @@ class Case:
         if self.minutes:
             out += ["--minutes", f"{self.minutes:g}"]
         out += ["--ks", ",".join(map(str, self.ks)), "--eval-n", str(self.eval_n)]
-        for flag, values in (("--set", self.sets), ("--flow-set", self.flow_sets), ("--vae-set", self.vae_sets)):
+        flags = (("--set", self.sets), ("--flow-set", self.flow_sets), ("--vae-set", self.vae_sets))
+        for flag, values in flags:
             for v in values:
                 out += [flag, v]
         return out
@@ -77,7 +86,8 @@ def cases(quick: bool) -> list[Case]:
             Case("moons (quick)", "moons", max_steps=30, ks=(1, 10, 100), eval_n=150, sets=tiny,
                  flow_sets=["model.layers=2", "model.hidden=[16,16]"]),
             Case("digits (quick)", "digits", max_steps=10, ks=(1, 10), eval_n=40,
-                 sets=["max_train=128", "batch_size=32", "warmup_steps=2"], flow_sets=["model.hidden_channels=8"]),
+                 sets=["max_train=128", "batch_size=32", "warmup_steps=2"],
+                 flow_sets=["model.hidden_channels=8"]),
         ]
     # Budgets sized for ~20 minutes on 2 shared CPU cores (validation every tenth of the run). IWAE with
     # k = 1000 costs 1000 decoder passes per example, and a convolutional decoder pass on 28x28 images is
@@ -138,16 +148,19 @@ def tables(results: list[dict]) -> tuple[str, str]:
         kmax = max(r["ks"])
         g = s["gaps"][f"iwae_{kmax} - elbo"]
         rows2.append([
-            r["case"], f"`{f['recipe']}` ({f['parameters']:,})", f"{v['arch']}, latent {v['latent']} ({v['parameters']:,})",
+            r["case"], f"`{f['recipe']}` ({f['parameters']:,})",
+            f"{v['arch']}, latent {v['latent']} ({v['parameters']:,})",
             f"{f.get('steps', '-')} / {v.get('steps', '-')}",
             f"{f.get('train_seconds', float('nan')):.0f} / {v.get('train_seconds', float('nan')):.0f}",
             f"{f['samples_per_s']:,.0f} / {v['samples_per_s']:,.0f}",
-            f"{s['recon']['nats']:.2f}, {s['kl']['nats']:.2f}", f"{g['nats']:.3f} ± {g['nats_stderr']:.3f}", r["n_eval"],
+            f"{s['recon']['nats']:.2f}, {s['kl']['nats']:.2f}", f"{g['nats']:.3f} ± {g['nats_stderr']:.3f}",
+            r["n_eval"],
         ])
     return scores, markdown_table(head2, rows2)
 
 
-def report(results: list[dict], command: str, revision: str, elapsed: float, load: tuple[float, float]) -> str:
+def report(results: list[dict], command: str, revision: str, elapsed: float,
+           load: tuple[float, float]) -> str:
     scores, costs = tables(results)
     lines = [
         "## Flows versus VAEs (`bench/flow_vs_vae.py`)",
@@ -159,11 +172,12 @@ def report(results: list[dict], command: str, revision: str, elapsed: float, loa
         ("Each row is one `pushforward compare` run: a flow (the data set's default recipe) and a VAE "
          "(`pushforward.vae`: Gaussian encoder; Gaussian decoder for 2-D points, a Gaussian in the flows' "
          "logit space with the logit's log-determinant counted for dequantized images, so both models are "
-         "scored in nats of the same `y`, and in bits/dim of the same discrete images). `params` rows: the VAE's "
-         "width is matched to the flow's parameter count and both train for the same number of steps; the "
-         "`time` row: default sizes, equal wall-clock minutes. All numbers are means ± standard error over the "
-         "same test examples with the same dequantization noise. The flow's NLL is exact; the VAE's `-ELBO` "
-         "and `-IWAE_k` are upper bounds on its NLL that tighten with k (IWAE_1 has the ELBO's expectation)."),
+         "scored in nats of the same `y`, and in bits/dim of the same discrete images). `params` rows: the "
+         "VAE's width is matched to the flow's parameter count and both train for the same number of steps; "
+         "the `time` row: default sizes, equal wall-clock minutes. All numbers are means ± standard error "
+         "over the same test examples with the same dequantization noise. The flow's NLL is exact; the VAE's "
+         "`-ELBO` and `-IWAE_k` are upper bounds on its NLL that tighten with k (IWAE_1 has the ELBO's "
+         "expectation)."),
         "",
         scores,
         "",
@@ -188,7 +202,8 @@ def _slug(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run on tiny models (no write)")
-    p.add_argument("--only", action="append", help="run only the cases whose name starts with this (repeatable)")
+    p.add_argument("--only", action="append",
+                   help="run only the cases whose name starts with this (repeatable)")
     p.add_argument("--out", default=None, help="run directories (default runs/bench/flow_vs_vae[_quick])")
     p.add_argument("--no-write", dest="no_write", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick")

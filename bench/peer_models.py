@@ -38,7 +38,8 @@ from pushforward import models
 
 LIBRARIES = ("pushforward", "nflows", "zuko", "normflows", "FrEIA")
 PEERS = LIBRARIES[1:]
-_MODULE = {"pushforward": "pushforward", "nflows": "nflows", "zuko": "zuko", "normflows": "normflows", "FrEIA": "FrEIA"}
+_MODULE = {"pushforward": "pushforward", "nflows": "nflows", "zuko": "zuko", "normflows": "normflows",
+           "FrEIA": "FrEIA"}
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -73,7 +74,10 @@ def version(lib: str) -> str:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One benchmark model. ``kind`` is ``"vector"`` or ``"image"``; ``kernel`` ``"affine"`` or ``"spline"``."""
+    """One benchmark model.
+
+    ``kind`` is ``"vector"`` or ``"image"``; ``kernel`` ``"affine"`` or ``"spline"``.
+    """
 
     name: str
     kind: str
@@ -104,11 +108,13 @@ class TaskSpec:
             h = " -> ".join(map(str, self.hidden))
             d_in = self.features - self.features // 2
             out = (self.features // 2) * (2 if self.kernel == "affine" else 3 * self.bins - 1)
-            k = "affine" if self.kernel == "affine" else f"RQ-spline ({self.bins} bins, [-{self.bound:g}, {self.bound:g}])"
-            return f"{self.features}-D, {self.layers} {k} couplings, MLP {d_in} -> {h} -> {out}, batch {self.batch}"
+            k = ("affine" if self.kernel == "affine"
+                 else f"RQ-spline ({self.bins} bins, [-{self.bound:g}, {self.bound:g}])")
+            return (f"{self.features}-D, {self.layers} {k} couplings, MLP {d_in} -> {h} -> {out}, "
+                    f"batch {self.batch}")
         c, hh, w = self.shape
-        return (f"{c}x{hh}x{w}, {self.levels} levels x (squeeze, {self.steps} x (ActNorm, 1x1 conv, affine coupling)), "
-                f"conv conditioner width {self.hidden_channels}, batch {self.batch}")
+        return (f"{c}x{hh}x{w}, {self.levels} levels x (squeeze, {self.steps} x (ActNorm, 1x1 conv, "
+                f"affine coupling)), conv conditioner width {self.hidden_channels}, batch {self.batch}")
 
     def data(self, n: int, seed: int = 0) -> Tensor:
         """Synthetic inputs for the speed half (values as after centring: timing does not depend on them)."""
@@ -121,16 +127,19 @@ class TaskSpec:
 def task_specs(quick: bool) -> dict[str, TaskSpec]:
     if quick:
         return {
-            "T2": TaskSpec("T2", "vector", 64, features=2, layers=2, hidden=(16, 16), mask="alternating", round_s=0.01),
+            "T2": TaskSpec("T2", "vector", 64, features=2, layers=2, hidden=(16, 16), mask="alternating",
+                           round_s=0.01),
             "T64": TaskSpec("T64", "vector", 32, features=8, layers=2, hidden=(32, 32), round_s=0.01),
             "TIMG": TaskSpec("TIMG", "image", 8, shape=(1, 8, 8), steps=1, hidden_channels=8, round_s=0.01),
             "SPLINE": TaskSpec("SPLINE", "vector", 32, features=8, layers=2, hidden=(32, 32), kernel="spline",
                                bins=4, round_s=0.01),
         }
     return {
-        "T2": TaskSpec("T2", "vector", 512, features=2, layers=8, hidden=(128, 128), mask="alternating", round_s=0.4),
+        "T2": TaskSpec("T2", "vector", 512, features=2, layers=8, hidden=(128, 128), mask="alternating",
+                       round_s=0.4),
         "T64": TaskSpec("T64", "vector", 256, features=64, layers=8, hidden=(512, 512), round_s=0.5),
-        "TIMG": TaskSpec("TIMG", "image", 64, shape=(1, 28, 28), levels=2, steps=4, hidden_channels=64, round_s=0.8),
+        "TIMG": TaskSpec("TIMG", "image", 64, shape=(1, 28, 28), levels=2, steps=4, hidden_channels=64,
+                         round_s=0.8),
         "SPLINE": TaskSpec("SPLINE", "vector", 256, features=64, layers=8, hidden=(512, 512), kernel="spline",
                            bins=8, round_s=0.6),
     }
@@ -153,7 +162,8 @@ class Built:
 
 
 def _zero_last(net: nn.Module) -> nn.Module:
-    last = [m for m in net.modules() if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() >= 2][-1]
+    last = [m for m in net.modules()
+            if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() >= 2][-1]
     nn.init.zeros_(last.weight)
     if last.bias is not None:
         nn.init.zeros_(last.bias)
@@ -191,7 +201,10 @@ class _NoContext(nn.Module):
 
 
 def _halves(spec: TaskSpec, i: int) -> tuple[list[int], list[int]]:
-    """(conditioning, transformed) feature indices of coupling ``i`` (pushforward's HalfMask / AlternatingMask)."""
+    """(conditioning, transformed) feature indices of coupling ``i``.
+
+    As pushforward's HalfMask / AlternatingMask split them.
+    """
     d = spec.features
     if spec.mask == "alternating":
         cond = list(range(i % 2, d, 2))
@@ -213,7 +226,7 @@ def _std_normal_log_prob(z: Tensor) -> Tensor:
 # The limit: the conditioner networks alone
 # ------------------------------------------------------------------------------------------------
 def limit_networks(spec: TaskSpec) -> tuple[nn.ModuleList, list[tuple[int, ...]]]:
-    """Plain ``nn.Sequential`` conditioners of the task's sizes and the input shape each sees (batch first)."""
+    """Plain ``nn.Sequential`` conditioners of the task's sizes; the input shape each sees (batch first)."""
     b = spec.batch
     nets, shapes = [], []
     if spec.kind == "vector":
@@ -223,7 +236,7 @@ def limit_networks(spec: TaskSpec) -> tuple[nn.ModuleList, list[tuple[int, ...]]
             shapes.append((b, len(cond)))
     else:
         c, h, w = spec.shape
-        for level in range(spec.levels):
+        for _level in range(spec.levels):
             c, h, w = 4 * c, h // 2, w // 2
             for _ in range(spec.steps):
                 nets.append(_plain_convnet(c - c // 2, 2 * (c // 2), spec.hidden_channels))
@@ -237,9 +250,10 @@ def limit_networks(spec: TaskSpec) -> tuple[nn.ModuleList, list[tuple[int, ...]]
 # ------------------------------------------------------------------------------------------------
 def build_pushforward(spec: TaskSpec) -> Built:
     if spec.kind == "image":
-        flow = models.glow(spec.shape, levels=spec.levels, steps=spec.steps, hidden_channels=spec.hidden_channels,
-                           split_prior=False, alpha=None)
-        notes = ["scale exp(3 tanh(a/3))", "conditioners run in channels-last layout (pushforward.nn.ConvNet)"]
+        flow = models.glow(spec.shape, levels=spec.levels, steps=spec.steps,
+                           hidden_channels=spec.hidden_channels, split_prior=False, alpha=None)
+        notes = ["scale exp(3 tanh(a/3))",
+                 "conditioners run in channels-last layout (pushforward.nn.ConvNet)"]
     elif spec.kernel == "spline":
         flow = models.nsf(spec.features, layers=spec.layers, hidden=spec.hidden, bins=spec.bins,
                           tail_bound=spec.bound, mask=spec.mask)
@@ -264,7 +278,8 @@ def build_nflows(spec: TaskSpec) -> Built:
     notes = []
     if spec.kind == "vector":
         def net(d_in, d_out):
-            return _NoContext(_zero_last(NflowsMLP((d_in,), (d_out,), hidden_sizes=list(spec.hidden))), spec.hidden[-1])
+            mlp = NflowsMLP((d_in,), (d_out,), hidden_sizes=list(spec.hidden))
+            return _NoContext(_zero_last(mlp), spec.hidden[-1])
 
         layers = []
         for i in range(spec.layers):
@@ -284,14 +299,15 @@ def build_nflows(spec: TaskSpec) -> Built:
     c, h, w = spec.shape
     ms = nt.MultiscaleCompositeTransform(spec.levels, split_dim=1)
     shape = (c, h, w)
-    for level in range(spec.levels):
+    for _level in range(spec.levels):
         c, h, w = 4 * shape[0], shape[1] // 2, shape[2] // 2
         ts = [nt.SqueezeTransform(factor=2)]
         for _ in range(spec.steps):
             mask = torch.full((c,), -1)
             mask[c - c // 2:] = 1
             ts += [nt.ActNorm(c), nt.OneByOneConvolution(c),
-                   nt.AffineCouplingTransform(mask, lambda a, b: _NoContext(_plain_convnet(a, b, spec.hidden_channels)))]
+                   nt.AffineCouplingTransform(
+                       mask, lambda a, b: _NoContext(_plain_convnet(a, b, spec.hidden_channels)))]
         shape = ms.add_transform(nt.CompositeTransform(ts), (c, h, w))
     notes += ["scale sigmoid(a+2)+1e-3", "1x1 conv: LU + bias + random permutation",
               "factors out the first channel half (the others keep it)", "user-written conv conditioner"]
@@ -362,7 +378,8 @@ def build_normflows(spec: TaskSpec) -> Built:
                 if i:
                     flows.append(nf.flows.Permute(d, mode="swap"))
                 net = nf.nets.MLP([d - d // 2, *spec.hidden, 2 * (d // 2)], init_zeros=True)
-                flows.append(nf.flows.AffineCouplingBlock(net, scale=True, scale_map="exp", split_mode="channel"))
+                flows.append(nf.flows.AffineCouplingBlock(net, scale=True, scale_map="exp",
+                                                          split_mode="channel"))
             flows.reverse()  # normflows lists flows in the sampling direction (latent -> data)
             notes += ["scale exp(a) (unbounded)", f"{spec.layers - 1} swap permutations between couplings"]
         else:
@@ -443,12 +460,14 @@ def build_freia(spec: TaskSpec) -> Built:
     notes = []
     if spec.kind == "vector":
         if spec.layers % 2:
-            raise Unsupported("FrEIA's GLOWCouplingBlock holds two couplings; an odd layer count cannot be built")
+            raise Unsupported("FrEIA's GLOWCouplingBlock holds two couplings; an odd layer count cannot be "
+                              "built")
         inn = Ff.SequenceINN(spec.features)
         for _ in range(spec.layers // 2):  # each block: both halves, one after the other
             inn.append(Fm.GLOWCouplingBlock, subnet_constructor=lambda a, b: _plain_mlp(a, b, spec.hidden),
                        clamp=3.0, clamp_activation=_freia_tanh3)
-        notes += [f"{spec.layers // 2} GLOWCouplingBlocks (2 couplings each)", "scale exp(3 tanh(a/3)) (same as pushforward)",
+        notes += [f"{spec.layers // 2} GLOWCouplingBlocks (2 couplings each)",
+                  "scale exp(3 tanh(a/3)) (same as pushforward)",
                   "user-written MLP subnet", "no base distribution: log-density written by the user"]
 
         def log_prob(x):
@@ -466,6 +485,10 @@ def build_freia(spec: TaskSpec) -> Built:
     nodes: list = [Ff.InputNode(c, h, w, name="x")]
     prev = nodes[0]  # the node (or (node, output index)) the next module reads
     outs = []
+
+    def conv_subnet(a, b):
+        return _plain_convnet(a, b, spec.hidden_channels)
+
     for level in range(spec.levels):
         nodes.append(Ff.Node(prev, Fm.IRevNetDownsampling, {}))
         c = 4 * c
@@ -474,8 +497,8 @@ def build_freia(spec: TaskSpec) -> Built:
             nodes.append(Ff.Node(nodes[-1], Fm.ActNorm, {}))
             nodes.append(Ff.Node(nodes[-1], Fm.Fixed1x1Conv, {"M": m}))
             nodes.append(Ff.Node(nodes[-1], Fm.AffineCouplingOneSided,
-                                 {"subnet_constructor": lambda a, b: _plain_convnet(a, b, spec.hidden_channels),
-                                  "clamp": 3.0, "clamp_activation": _freia_tanh3}))
+                                 {"subnet_constructor": conv_subnet, "clamp": 3.0,
+                                  "clamp_activation": _freia_tanh3}))
         prev = nodes[-1]
         if level < spec.levels - 1:
             split = Ff.Node(prev, Fm.Split, {"section_sizes": [c - c // 2, c // 2], "dim": 0})
@@ -487,7 +510,8 @@ def build_freia(spec: TaskSpec) -> Built:
     inn = Ff.GraphINN(nodes + outs)
     shapes = [tuple(s) for s in inn.global_out_shapes]
     notes += ["1x1 conv FIXED (random orthogonal; FrEIA 0.2 has no learned one)",
-              "scale exp(3 tanh(a/3))", "user-written conv subnet", "graph API: split / outputs wired by hand"]
+              "scale exp(3 tanh(a/3))", "user-written conv subnet",
+              "graph API: split / outputs wired by hand"]
 
     def log_prob(x):
         zs, ladj = inn(x)

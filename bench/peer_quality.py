@@ -97,7 +97,8 @@ def load_data(task: str, seed: int, quick: bool) -> Data:
 
     if task in ("moons", "8gaussians", "checkerboard"):
         n = (2000, 500, 2000) if quick else (20000, 5000, 20000)
-        return Data(pd.toy_sample(task, n[0], seed=seed * 3 + 0), pd.toy_sample(task, n[1], seed=seed * 3 + 1),
+        return Data(pd.toy_sample(task, n[0], seed=seed * 3 + 0),
+                    pd.toy_sample(task, n[1], seed=seed * 3 + 1),
                     pd.toy_sample(task, n[2], seed=seed * 3 + 2), None, False)
     if task == "digits":
         tr, va, te = (pd.load_digits(s) for s in ("train", "val", "test"))
@@ -126,7 +127,8 @@ def _nll(log_prob, x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([-log_prob(x[i : i + batch]).double() for i in range(0, len(x), batch)])
 
 
-def train_one(lib: str, task: str, budget_s: float, seed: int, quick: bool, clock: str, log=print) -> QualityResult:
+def train_one(lib: str, task: str, budget_s: float, seed: int, quick: bool, clock: str,
+              log=print) -> QualityResult:
     from pushforward.data import toy_entropy
     from pushforward.metrics import bits_per_dim, mean_and_stderr
 
@@ -213,16 +215,17 @@ def train_one(lib: str, task: str, budget_s: float, seed: int, quick: bool, cloc
         h = toy_entropy(task)
         if h is not None:
             res.gap = mean - h
-    log(f"  {lib:11s} {task:13s} seed {seed} {res.status:8s} steps {step:6d}, best val {res.val:.4f} at step {res.best_step}, "
-        f"test {res.test:.4f} +- {res.test_stderr:.4f}" + (f", gap {res.gap:.4f} nats" if math.isfinite(res.gap) else ""))
+    gap = f", gap {res.gap:.4f} nats" if math.isfinite(res.gap) else ""
+    log(f"  {lib:11s} {task:13s} seed {seed} {res.status:8s} steps {step:6d}, best val {res.val:.4f} at step "
+        f"{res.best_step}, test {res.test:.4f} +- {res.test_stderr:.4f}{gap}")
     return res
 
 
 # ------------------------------------------------------------------------------------------------
 # Orchestration: one process per (library, task), ``jobs`` at a time
 # ------------------------------------------------------------------------------------------------
-def run_quality(tasks, libraries, budget_scale: float, seeds: Sequence[int], quick: bool, clock: str, jobs: int,
-                log=print) -> list[QualityResult]:
+def run_quality(tasks, libraries, budget_scale: float, seeds: Sequence[int], quick: bool, clock: str,
+                jobs: int, log=print) -> list[QualityResult]:
     """Trains every library on every task once per seed, ``jobs`` worker processes at a time."""
     # longest budgets first, so that parallel jobs finish together
     units = sorted(((task, lib, seed) for task in tasks for lib in libraries for seed in seeds),
@@ -237,8 +240,8 @@ def run_quality(tasks, libraries, budget_scale: float, seeds: Sequence[int], qui
     def command(unit: tuple[str, str, int]) -> list[str]:
         task, lib, seed = unit
         budget = BUDGET_S[task] * budget_scale
-        return [sys.executable, script, "--worker", lib, task, str(budget), str(seed), out_path(unit), clock] + (
-            ["--quick"] if quick else [])
+        return [sys.executable, script, "--worker", lib, task, str(budget), str(seed), out_path(unit),
+                clock] + (["--quick"] if quick else [])
 
     def finished(unit: tuple[str, str, int], returncode: int, text: str) -> None:
         out = out_path(unit)
@@ -250,12 +253,13 @@ def run_quality(tasks, libraries, budget_scale: float, seeds: Sequence[int], qui
                     log(line)
         else:
             tail = " | ".join(text.strip().splitlines()[-3:])
-            results[unit] = QualityResult(unit[1], unit[0], "error", f"worker exited {returncode}: {tail[-300:]}",
-                                          seed=unit[2])
+            results[unit] = QualityResult(unit[1], unit[0], "error",
+                                          f"worker exited {returncode}: {tail[-300:]}", seed=unit[2])
             log(f"  {unit[1]} on {unit[0]} (seed {unit[2]}): ERROR {results[unit].message}")
 
     def started(unit: tuple[str, str, int]) -> None:
-        log(f"  start {unit[1]} on {unit[0]}, seed {unit[2]} (budget {BUDGET_S[unit[0]] * budget_scale:.1f} s {clock} time)")
+        log(f"  start {unit[1]} on {unit[0]}, seed {unit[2]} "
+            f"(budget {BUDGET_S[unit[0]] * budget_scale:.1f} s {clock} time)")
 
     run_subprocesses(units, command, jobs, finished, on_start=started, capture=True, poll_s=0.05)
     return [results[(t, lib, seed)] for t in tasks for lib in libraries for seed in seeds]

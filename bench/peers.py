@@ -76,7 +76,8 @@ from bench.peer_models import (
 )
 
 LIMIT, LIMIT_G, EAGER, COMPILED = "limit", "limit + input grads", "pushforward eager", "pushforward compiled"
-AFFINE = "pushforward eager, affine kernel"  # SPLINE task only: the T64 model, interleaved with the spline one
+# SPLINE task only: the T64 model, interleaved with the spline one
+AFFINE = "pushforward eager, affine kernel"
 KINDS = ("train", "log_prob", "sample")
 TARGETS = {  # see the issue
     "eager_vs_limit": 1.05,
@@ -97,8 +98,9 @@ class TaskRun:
     notes: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # library -> reason
     compile_s: dict[str, float] = field(default_factory=dict)
-    stats: dict[int, dict[str, dict[str, Stats]]] = field(default_factory=dict)  # threads -> kind -> cand -> Stats
-    cpu: dict[int, dict[str, dict[str, Stats]]] = field(default_factory=dict)  # the same on the process CPU clock
+    # threads -> kind -> candidate -> Stats, on the wall clock and on the process CPU clock
+    stats: dict[int, dict[str, dict[str, Stats]]] = field(default_factory=dict)
+    cpu: dict[int, dict[str, dict[str, Stats]]] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)  # forward + backward of a training step
     peak_sample_mb: dict[str, float] = field(default_factory=dict)  # sampling a batch (no grad)
     fns: dict[str, dict[str, Callable]] = field(default_factory=dict)  # kind -> candidate -> fn
@@ -134,8 +136,8 @@ def _no_grad(fn) -> Callable[[], object]:
 def _limit_fns(spec: TaskSpec) -> tuple[dict[str, Callable], int]:
     nets, shapes = limit_networks(spec)
     g = torch.Generator().manual_seed(1)
-    # images in channels-last layout: oneDNN's convolutions are fastest on it (pushforward's ConvNet uses it), so
-    # the limit stays a lower bound on the cost of the networks
+    # images in channels-last layout: oneDNN's convolutions are fastest on it (pushforward's ConvNet uses it),
+    # so the limit stays a lower bound on the cost of the networks
     inputs = [torch.randn(s, generator=g) for s in shapes]
     inputs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs]
     inputs_g = [x.clone().requires_grad_(True) for x in inputs]
@@ -168,7 +170,8 @@ def _limit_fns(spec: TaskSpec) -> tuple[dict[str, Callable], int]:
             for n, x in zip(nets, inputs):
                 n(x)
 
-    return {"train": step, "train_g": step_g, "forward": forward, "memory": forward_backward}, sum(p.numel() for p in nets.parameters())
+    fns = {"train": step, "train_g": step_g, "forward": forward, "memory": forward_backward}
+    return fns, sum(p.numel() for p in nets.parameters())
 
 
 def prepare(spec: TaskSpec, args, log) -> TaskRun:
@@ -178,7 +181,8 @@ def prepare(spec: TaskSpec, args, log) -> TaskRun:
     fns: dict[str, dict[str, Callable]] = {k: {} for k in (*KINDS, "memory")}
     lim, run.params[LIMIT] = _limit_fns(spec)
     fns["memory"][LIMIT] = lim["memory"]
-    fns["train"][LIMIT], fns["log_prob"][LIMIT], fns["sample"][LIMIT] = lim["train"], lim["forward"], lim["forward"]
+    fns["train"][LIMIT] = lim["train"]
+    fns["log_prob"][LIMIT] = fns["sample"][LIMIT] = lim["forward"]
     if not args.no_diagnostic:
         fns["train"][LIMIT_G] = lim["train_g"]
     for lib in args.libraries:
@@ -302,7 +306,10 @@ def results_table(run: TaskRun) -> str:
                     row += ["", ""]
                     continue
                 fp = _fastest_peer(kinds[kind])
-                vs_peer = _fmt_ratio(_ratio(kinds[kind][fp], st)) if fp and cand != fp else ("fastest peer" if fp else "-")
+                if fp and cand != fp:
+                    vs_peer = _fmt_ratio(_ratio(kinds[kind][fp], st))
+                else:
+                    vs_peer = "fastest peer" if fp else "-"
                 vs_lim = _fmt_ratio(_ratio(st, kinds[kind][LIMIT]))
                 main = st.ms() if kind == "train" else st.rate(n)
                 row += [main, f"{vs_peer}; {vs_lim}"]
@@ -323,7 +330,8 @@ def models_table(runs: list[TaskRun]) -> str:
             rows.append([run.spec.name, cand, f"{p:,}", d, "; ".join(run.notes.get(cand, []))])
         for lib, why in run.skipped.items():
             rows.append([run.spec.name, lib, "-", "-", f"**not measured**: {why}"])
-    return markdown_table(["task", "candidate", "trainable parameters", "vs pushforward", "differences"], rows)
+    return markdown_table(["task", "candidate", "trainable parameters", "vs pushforward", "differences"],
+                          rows)
 
 
 def memory_table(runs: list[TaskRun]) -> str:
@@ -340,7 +348,8 @@ def memory_table(runs: list[TaskRun]) -> str:
                 if mb is None:
                     row += ["", ""]
                     continue
-                row += [f"{mb:.2f}", (f"{mb / low:.2f}x" if low else "-") + "; " + (f"{mb / lim:.2f}x" if lim else "-")]
+                vs_low, vs_lim = (f"{mb / low:.2f}x" if low else "-"), (f"{mb / lim:.2f}x" if lim else "-")
+                row += [f"{mb:.2f}", f"{vs_low}; {vs_lim}"]
             rows.append(row)
     return markdown_table(["task", "candidate", "forward + backward: peak MiB", "vs lowest peer; vs limit",
                            "sampling: peak MiB", "vs lowest peer; vs limit"], rows)
@@ -363,7 +372,8 @@ def evaluate_targets(runs: dict[str, TaskRun]) -> list[list[str]]:
             if name in TARGETS["compiled_speedup"] and COMPILED in tr and fp:
                 t = TARGETS["compiled_speedup"][name]
                 r = _ratio(tr[fp], tr[COMPILED])
-                add(name, threads, f"compiled step >= {t}x faster than fastest peer ({fp})", _fmt_ratio(r), r[0] >= t)
+                add(name, threads, f"compiled step >= {t}x faster than fastest peer ({fp})", _fmt_ratio(r),
+                    r[0] >= t)
             for kind in ("log_prob", "sample"):
                 st = kinds[kind]
                 fp = _fastest_peer(st)
@@ -372,7 +382,8 @@ def evaluate_targets(runs: dict[str, TaskRun]) -> list[list[str]]:
                 if COMPILED in st:
                     r = _ratio(st[fp], st[COMPILED])
                     t = TARGETS["throughput_compiled"]
-                    add(name, threads, f"{kind} compiled >= {t}x fastest peer ({fp})", _fmt_ratio(r), r[0] >= t)
+                    add(name, threads, f"{kind} compiled >= {t}x fastest peer ({fp})", _fmt_ratio(r),
+                        r[0] >= t)
                 if EAGER in st:
                     r = _ratio(st[fp], st[EAGER])
                     add(name, threads, f"{kind} eager >= fastest peer ({fp})", _fmt_ratio(r), r[0] >= 1.0)
@@ -396,13 +407,14 @@ def evaluate_targets(runs: dict[str, TaskRun]) -> list[list[str]]:
             a = runs.get("T64")
             if a and threads in a.stats and COMPILED in tr and COMPILED in a.stats[threads]["train"]:
                 q = tr[COMPILED].median / a.stats[threads]["train"][COMPILED].median  # not interleaved
-                add("SPLINE", threads, f"compiled: spline step <= {t}x affine (T64) step (medians of separate runs)",
+                add("SPLINE", threads,
+                    f"compiled: spline step <= {t}x affine (T64) step (medians of separate runs)",
                     f"{q:.2f}x", q <= t)
     return rows
 
 
 def _op_times(fn: Callable[[], None], steps: int) -> tuple[dict[str, tuple[float, float]], str]:
-    """Self CPU microseconds and calls per step of each op over ``steps`` profiled calls, and the top table."""
+    """Self CPU microseconds and calls per step of each op over ``steps`` profiled calls; the top table."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -426,13 +438,14 @@ def _profile(run: TaskRun, steps: int, log) -> tuple[str, str, str]:
         rows.append((fu - bu, op, fu, bu, fc, bc))
     rows.sort(reverse=True)
     top = sorted(pf.items(), key=lambda kv: -kv[1][0])[:10]
-    head = (f"torch.profiler, {steps} eager training steps, 1 thread; self CPU per step (the profiler inflates "
-            f"small ops): pushforward {tf:.0f} us, limit {tb:.0f} us.")
+    head = (f"torch.profiler, {steps} eager training steps, 1 thread; self CPU per step (the profiler "
+            f"inflates small ops): pushforward {tf:.0f} us, limit {tb:.0f} us.")
     top_table = markdown_table(["op (pushforward, top self CPU)", "us/step", "calls/step"],
                                [[f"`{op}`", f"{u:.0f}", f"{c:g}"] for op, (u, c) in top])
     diff_table = markdown_table(
         ["op", "pushforward us/step", "limit us/step", "excess us/step", "calls/step pf / limit"],
-        [[f"`{op}`", f"{fu:.0f}", f"{bu:.0f}", f"{d:+.0f}", f"{fc:g} / {bc:g}"] for d, op, fu, bu, fc, bc in rows[:10]])
+        [[f"`{op}`", f"{fu:.0f}", f"{bu:.0f}", f"{d:+.0f}", f"{fc:g} / {bc:g}"]
+         for d, op, fu, bu, fc, bc in rows[:10]])
     log(diff_table)
     return head, top_table, diff_table
 
@@ -451,18 +464,18 @@ def speed_report(args, command, revision, load, elapsed, runs: dict[str, TaskRun
         + (", inductor `cpp.dynamic_threads=True` (one compiled program serves every thread count)"
            if args.dynamic_threads else "") + ".",
         "",
-        (f"Candidates interleaved round-robin, {args.rounds} rounds after {args.warmup} warm-up calls; each round "
-         "runs each candidate for about the same time (calls calibrated per candidate); medians with the "
-         "min-max over rounds. *Speed-up vs fastest peer* = the fastest peer's median time / this candidate's "
-         "(above 1: faster than every peer), with the range of the per-round ratios; *cost vs limit* = this "
-         "candidate's time / the limit's (the conditioner networks alone: for training their forward, "
-         "backward and Adam step; for log_prob and sampling their forward without grad; image inputs in channels-last "
-         "layout, the fastest for these convolutions). Peers run eager, "
-         "as shipped. Adam lr 1e-4 everywhere; batch as in training for every figure."),
+        (f"Candidates interleaved round-robin, {args.rounds} rounds after {args.warmup} warm-up calls; each "
+         "round runs each candidate for about the same time (calls calibrated per candidate); medians with "
+         "the min-max over rounds. *Speed-up vs fastest peer* = the fastest peer's median time / this "
+         "candidate's (above 1: faster than every peer), with the range of the per-round ratios; *cost vs "
+         "limit* = this candidate's time / the limit's (the conditioner networks alone: for training their "
+         "forward, backward and Adam step; for log_prob and sampling their forward without grad; image "
+         "inputs in channels-last layout, the fastest for these convolutions). Peers run eager, as shipped. "
+         "Adam lr 1e-4 everywhere; batch as in training for every figure."),
         "",
-        (f"Wall time / (process CPU time / threads), median over every timed chunk: {contention(runs)} (1.00 on an "
-         "idle machine; above 1: the process waited for a core, which other jobs held, or its threads waited for "
-         "each other)."),
+        (f"Wall time / (process CPU time / threads), median over every timed chunk: {contention(runs)} (1.00 "
+         "on an idle machine; above 1: the process waited for a core, which other jobs held, or its threads "
+         "waited for each other)."),
         "",
         "### Models",
         "",
@@ -479,11 +492,12 @@ def speed_report(args, command, revision, load, elapsed, runs: dict[str, TaskRun
     parts += [
         "### Peak memory",
         "",
-        ("1 thread, `torch.profiler` with `profile_memory=True`, one call per candidate after a warm-up call: the "
-         "most bytes allocated through torch's CPU allocator during the call and live at the same time "
-         "(activations, gradients, temporaries; not the parameters, Adam state and data held before). *forward + "
-         "backward*: a training step without the optimizer step (Adam's step is the same code for every "
-         "library and, at these sizes, would set the peak for all of them alike); *sampling*: one batch, no grad."),
+        ("1 thread, `torch.profiler` with `profile_memory=True`, one call per candidate after a warm-up "
+         "call: the most bytes allocated through torch's CPU allocator during the call and live at the same "
+         "time (activations, gradients, temporaries; not the parameters, Adam state and data held before). "
+         "*forward + backward*: a training step without the optimizer step (Adam's step is the same code for "
+         "every library and, at these sizes, would set the peak for all of them alike); *sampling*: one "
+         "batch, no grad."),
         "",
         memory_table(list(runs.values())),
         "",
@@ -526,7 +540,8 @@ def quality_report(args, command, revision, results, elapsed) -> str:
                 val = f"{r.val:.4f}"
             else:
                 test = gap = val = "-"
-            rows.append([task, f"{MODEL[task]}", r.library, r.seed, r.status + (f": {r.message}" if r.message else ""),
+            status = r.status + (f": {r.message}" if r.message else "")
+            rows.append([task, f"{MODEL[task]}", r.library, r.seed, status,
                          f"{r.steps:,}", f"{r.used_s:.0f}", val, test, gap, unit])
         ok: dict[str, tuple] = {}
         for lib in dict.fromkeys(r.library for r in rs):
@@ -540,15 +555,19 @@ def quality_report(args, command, revision, results, elapsed) -> str:
             best = min(peers, key=lambda k: peers[k][0])
             pf, pb = ok["pushforward"], peers[best]
             noise = 2 * math.hypot(pf[1], pb[1])
-            sure = "" if abs(pf[0] - pb[0]) > noise else f" (difference within 2 standard errors, {noise:.4f})"
+            sure = ("" if abs(pf[0] - pb[0]) > noise
+                    else f" (difference within 2 standard errors, {noise:.4f})")
             verdicts.append([task, "better than the best peer", f"{pf[0]:.4f} vs {best} {pb[0]:.4f} {unit}",
                              ("PASS" if pf[0] < pb[0] else "MISS") + sure])
             if not image:
                 best_gap = min(peers, key=lambda k: peers[k][2])
+                peer_gap = peers[best_gap][2]
                 verdicts.append([task, "gap to the entropy <= half the best peer's",
-                                 f"{pf[2]:.4f} vs {best_gap} {peers[best_gap][2]:.4f} nats (half: {peers[best_gap][2] / 2:.4f})",
-                                 "PASS" if pf[2] <= peers[best_gap][2] / 2 else "MISS"])
+                                 f"{pf[2]:.4f} vs {best_gap} {peer_gap:.4f} nats (half: {peer_gap / 2:.4f})",
+                                 "PASS" if pf[2] <= peer_gap / 2 else "MISS"])
     seeds = sorted({r.seed for r in results})
+    clock = ("process CPU clock (1 thread: wall-clock time on an idle core)" if args.clock == "cpu"
+             else "wall clock")
     parts = [
         "## Peers: quality (same model, data, optimiser and time budget)",
         "",
@@ -559,18 +578,18 @@ def quality_report(args, command, revision, results, elapsed) -> str:
         f"Library: git {revision}. Machine: {machine_line()}. Versions: "
         + ", ".join(f"{lib} {version(lib)}" for lib in LIBRARIES) + f". Total run time {elapsed:.0f} s.",
         "",
-        (f"Budgets (x {args.budget_scale:g}): " + ", ".join(f"{t} {BUDGET_S[t] * args.budget_scale:.0f} s" for t in args.quality_tasks)
-         + f", measured on the {'process CPU clock (1 thread: wall-clock time on an idle core)' if args.clock == 'cpu' else 'wall clock'}; "
-         f"{args.jobs} job(s) side by side, 1 thread each. One shared loop for every library: Adam lr {LR:g}, "
-         f"linear warm-up {WARMUP} steps then cosine to 1% over the budget, gradient-norm clip {CLIP:g}, "
-         f"validation every {VAL_FRACTION:.0%} of the budget (clock stopped), best validation weights restored, "
-         f"then one test evaluation. Seeds {', '.join(map(str, seeds))}: for each, the same seed, data split and "
-         "data order for every library (the seed draws the 2-D samples, the initialisation, the batches and the "
-         "dequantization noise). 2-D: 20k training, "
-         "5k validation and 20k test samples; *gap* = test NLL - true entropy (nats) = KL(data || model) estimate. "
-         "digits: sklearn's 1437/180/180 split, 17 levels; Fashion-MNIST: "
-         f"{60 - FMNIST_VAL // 1000}k/{FMNIST_VAL // 1000}k (split_off seed 0) and the 10k test images; both "
-         "dequantized and centred. Lower is better everywhere."
+        (f"Budgets (x {args.budget_scale:g}): "
+         + ", ".join(f"{t} {BUDGET_S[t] * args.budget_scale:.0f} s" for t in args.quality_tasks)
+         + f", measured on the {clock}; {args.jobs} job(s) side by side, 1 thread each. One shared loop for "
+           f"every library: Adam lr {LR:g}, linear warm-up {WARMUP} steps then cosine to 1% over the budget, "
+           f"gradient-norm clip {CLIP:g}, validation every {VAL_FRACTION:.0%} of the budget (clock stopped), "
+           f"best validation weights restored, then one test evaluation. Seeds {', '.join(map(str, seeds))}: "
+           "for each, the same seed, data split and data order for every library (the seed draws the 2-D "
+           "samples, the initialisation, the batches and the dequantization noise). 2-D: 20k training, 5k "
+           "validation and 20k test samples; *gap* = test NLL - true entropy (nats) = KL(data || model) "
+           "estimate. digits: sklearn's 1437/180/180 split, 17 levels; Fashion-MNIST: "
+           f"{60 - FMNIST_VAL // 1000}k/{FMNIST_VAL // 1000}k (split_off seed 0) and the 10k test images; "
+           "both dequantized and centred. Lower is better everywhere."
          + (" QUICK MODE: tiny models, few samples, crops; smoke test only." if args.quick else "")),
         "",
         markdown_table(["task", "model", "library", "seed", "status", "steps", "budget used s", "best val",
@@ -578,9 +597,9 @@ def quality_report(args, command, revision, results, elapsed) -> str:
         "",
         "### Mean over seeds",
         "",
-        ("Test score averaged over the seeds, +- its standard error across seeds (with one seed: over the test "
-         "examples); that error includes what the initialisation and the batch order change, which the test-set "
-         "error alone does not."),
+        ("Test score averaged over the seeds, +- its standard error across seeds (with one seed: over the "
+         "test examples); that error includes what the initialisation and the batch order change, which the "
+         "test-set error alone does not."),
         "",
         markdown_table(["task", "library", "seeds", "test", "gap to entropy", "unit"], summary),
         "",
@@ -605,35 +624,45 @@ def main(argv: list[str] | None = None) -> int:
     from bench.peer_quality import QUALITY_TASKS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run on tiny models; does not write")
-    p.add_argument("--tasks", nargs="+", default=["T2", "T64", "TIMG", "SPLINE"], choices=["T2", "T64", "TIMG", "SPLINE"])
+    p.add_argument("--quick", action="store_true",
+                   help="seconds-long smoke run on tiny models; does not write")
+    p.add_argument("--tasks", nargs="+", default=["T2", "T64", "TIMG", "SPLINE"],
+                   choices=["T2", "T64", "TIMG", "SPLINE"])
     p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=list(LIBRARIES))
-    p.add_argument("--threads", nargs="+", type=int, default=None, help="thread counts (default 1 2; quick 1)")
+    p.add_argument("--threads", nargs="+", type=int, default=None,
+                   help="thread counts (default 1 2; quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 2)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per candidate (default 2; quick 1)")
-    p.add_argument("--steps", type=int, default=None, help="calls per candidate per round (default: calibrated)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up calls per candidate (default 2; quick 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="calls per candidate per round (default: calibrated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None,
-                   help="torch.compile backend (default inductor; quick: eager, which only checks that dynamo traces "
-                   "the whole flow)")
+                   help="torch.compile backend (default inductor; quick: eager, which only checks that "
+                        "dynamo traces the whole flow)")
     p.add_argument("--no-compile", action="store_true", help="skip pushforward compiled")
     p.add_argument("--no-diagnostic", action="store_true", help="skip the 'limit + input grads' candidate")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--no-profile", action="store_true", help="skip profiling pushforward where a target is missed")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip profiling pushforward where a target is missed")
     p.add_argument("--quality", action="store_true", help="also run the quality half")
     p.add_argument("--quality-only", action="store_true", help="run only the quality half")
     p.add_argument("--quality-tasks", nargs="+", default=list(QUALITY_TASKS), choices=list(QUALITY_TASKS))
-    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every quality budget (smoke runs)")
-    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="quality budget clock (default cpu)")
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="multiply every quality budget (smoke runs)")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="quality budget clock (default cpu)")
     p.add_argument("--jobs", type=int, default=1, help="quality runs side by side (1 thread each)")
     p.add_argument("--quality-seeds", type=_positive_int, default=1,
-                   help="train every library with this many seeds (--seed, --seed + 1, ...); the verdicts use the means")
+                   help="train every library with this many seeds (--seed, --seed + 1, ...); the verdicts "
+                        "use the means")
     p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--at-commit", default=None, metavar="REV",
-                   help="measure pushforward as committed at REV (e.g. HEAD): its src/ is exported to a temporary "
-                   "folder that shadows the working tree, so edits in progress are not measured")
+                   help="measure pushforward as committed at REV (e.g. HEAD): its src/ is exported to a "
+                        "temporary folder that shadows the working tree, so edits in progress are not "
+                        "measured")
     args = p.parse_args(argv)
     if args.at_commit and not os.environ.get("PEERS_AT_COMMIT"):
         return _reexec_at_commit(args.at_commit, sys.argv[1:] if argv is None else argv)
@@ -655,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     revision = _revision()
     log(f"$ {command}\n{machine_line()}\nlibrary: git {revision}")
     for lib in LIBRARIES:
-        log(f"  {lib}: {version(lib)}" + ("" if available(lib) else " (skipped: install with pip install -e '.[bench]')"))
+        missing = "" if available(lib) else " (skipped: install with pip install -e '.[bench]')"
+        log(f"  {lib}: {version(lib)}{missing}")
 
     if not args.quality_only:
         speed(args, command, revision, write, log)
@@ -663,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.peer_quality import run_quality
 
         t0 = time.perf_counter()
-        log(f"\n== Quality: tasks {', '.join(args.quality_tasks)}, budget scale {args.budget_scale:g}, {args.jobs} job(s)")
+        log(f"\n== Quality: tasks {', '.join(args.quality_tasks)}, budget scale {args.budget_scale:g}, "
+            f"{args.jobs} job(s)")
         seeds = [args.seed + i for i in range(args.quality_seeds)]
         results = run_quality(args.quality_tasks, args.libraries, args.budget_scale, seeds, args.quick,
                               args.clock, args.jobs, log)
@@ -683,12 +714,14 @@ def _reexec_at_commit(rev: str, argv: list[str]) -> int:
     full = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip()
     tmp = tempfile.mkdtemp(prefix=f"pushforward_{full}_")
-    archive = subprocess.run(["git", "archive", full, "src"], cwd=REPO, capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", full, "src"], cwd=REPO, capture_output=True,
+                             check=True).stdout
     subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-    env = {**os.environ, "PEERS_AT_COMMIT": full,
-           "PYTHONPATH": os.pathsep.join([os.path.join(tmp, "src"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([os.path.join(tmp, "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PEERS_AT_COMMIT": full, "PYTHONPATH": path}
     try:
-        return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env, check=False).returncode
+        return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env,
+                              check=False).returncode
     finally:
         import shutil
 
@@ -743,7 +776,8 @@ def speed(args, command, revision, write, log) -> None:
                 run.peak_mb[cand] = peak_memory(fn)
             for cand, fn in run.fns["sample"].items():
                 run.peak_sample_mb[cand] = peak_memory(fn)
-            log("   peak MiB, forward + backward: " + ", ".join(f"{c} {v:.2f}" for c, v in run.peak_mb.items()))
+            log("   peak MiB, forward + backward: "
+                + ", ".join(f"{c} {v:.2f}" for c, v in run.peak_mb.items()))
             log("   peak MiB, sampling: " + ", ".join(f"{c} {v:.2f}" for c, v in run.peak_sample_mb.items()))
         runs[name] = run
     targets = evaluate_targets(runs)

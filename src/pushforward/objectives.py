@@ -51,8 +51,9 @@ from torch import Tensor, nn
 from .metrics import bits_per_dim
 
 __all__ = [
-    "ELBO", "NLL", "Batch", "ColumnDequantization", "Dequantized", "LatentVariableModel", "LogDensity", "Objective", "UniformDequantization",
-    "VariationalDequantization", "default_objective", "model_dtype", "seeded_rng",
+    "ELBO", "NLL", "Batch", "ColumnDequantization", "Dequantized", "LatentVariableModel", "LogDensity",
+    "Objective", "UniformDequantization", "VariationalDequantization", "default_objective", "model_dtype",
+    "seeded_rng",
 ]
 
 _BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1: dequantized values stay in [0, 1)
@@ -366,7 +367,7 @@ class VariationalDequantization(Objective):
 
 
 class ColumnDequantization(Objective):
-    """The bound on a table whose columns (some or all) lie on a grid: ``objective`` on ``y = x + (u - 1/2) h``.
+    """The bound on a table with (some or all) columns on a grid: ``objective`` on ``y = x + (u - 1/2) h``.
 
     ``h`` is each column's grid step (``0``: a continuous column, left as it is) and ``u ~ U[0, 1)``
     is drawn afresh for every batch (float32, from ``generator``), so each discrete value is spread
@@ -389,9 +390,10 @@ class ColumnDequantization(Objective):
 
     def __init__(self, steps: Any, objective: Objective | None = None, columns: list[str] | None = None):
         steps_ = torch.as_tensor(steps, dtype=torch.float64).flatten()
-        if not bool((steps_ >= 0).all()) or not bool(torch.isfinite(steps_).all()) or not bool((steps_ > 0).any()):
-            raise ValueError(f"ColumnDequantization needs finite non-negative grid steps, at least one positive; "
-                             f"got {steps_.tolist()}")
+        valid = bool((steps_ >= 0).all()) and bool(torch.isfinite(steps_).all()) and bool((steps_ > 0).any())
+        if not valid:
+            raise ValueError(f"ColumnDequantization needs finite non-negative grid steps, at least one "
+                             f"positive; got {steps_.tolist()}")
         self.steps = steps_
         self.objective = objective if objective is not None else NLL()
         self.columns = columns or [f"x{j}" for j in range(len(steps_))]
@@ -407,13 +409,15 @@ class ColumnDequantization(Objective):
         """The batch with uniform noise of one grid step added to the grid columns, in the model's dtype."""
         x = batch.x
         if x.shape[-1] != len(self.steps):
-            raise ValueError(f"{self!r} dequantizes {len(self.steps)} columns, got data of shape {tuple(x.shape)}")
+            raise ValueError(f"{self!r} dequantizes {len(self.steps)} columns, got data of shape "
+                             f"{tuple(x.shape)}")
         u = batch.draw(lambda n: torch.rand((n, len(self.steps)), generator=generator, dtype=torch.float32))
         noise = (u - 0.5) * self.steps.to(torch.float32)
         return batch.replace(x=(x.to(torch.float32) + noise.to(x.device)).to(model_dtype(model)))
 
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
-        return self.objective.loss(model, self.dequantize(model, batch, generator), generator) - self.log_volume
+        y = self.dequantize(model, batch, generator)
+        return self.objective.loss(model, y, generator) - self.log_volume
 
     def evaluate(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Tensor]:
         figures = self.objective.evaluate(model, self.dequantize(model, batch, generator), generator)
@@ -424,7 +428,8 @@ class ColumnDequantization(Objective):
 
     def describe(self) -> dict[str, Any]:
         return {"dequantization": "uniform noise of one grid step on the grid columns",
-                "grid_columns": self.grid_columns, "grid_log_volume": self.log_volume, **self.objective.describe()}
+                "grid_columns": self.grid_columns, "grid_log_volume": self.log_volume,
+                **self.objective.describe()}
 
     def __repr__(self) -> str:
         steps = [float(f"{h:.6g}") for h in self.steps.tolist()]
