@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from .initialization import is_initialized
 from .protocols import BaseDistribution
 
 __all__ = [
@@ -488,8 +489,6 @@ class Flow(nn.Module):
         disagreement). One forward pass without grad; skipped while a layer would initialise itself from
         it (ActNorm before its first batch, in training mode).
         """
-        from .initialization import is_initialized
-
         if self.training and not is_initialized(self.transform):  # never initialise ActNorm from samples
             return
         with torch.no_grad():

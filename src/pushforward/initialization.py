@@ -27,8 +27,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import Flow
-
 __all__ = ["data_dependent", "initialize", "is_initialized"]
 
 
@@ -94,7 +92,7 @@ def initialize_layers(flow: nn.Module, x: Tensor, context: Tensor | None,
             layer.reset_initialization()
             m.train(True)  # the layers initialise in training mode only
         with torch.no_grad():
-            if isinstance(flow, Flow) or hasattr(flow, "log_prob"):
+            if hasattr(flow, "log_prob"):
                 model: Any = flow  # a Flow, or another model scored by its log_prob (the VAE)
                 model.log_prob(x, context)
             else:

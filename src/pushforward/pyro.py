@@ -24,7 +24,7 @@ from .core import FlowDistribution
 __all__ = ["PyroFlowDistribution"]
 
 
-# mypy: FlowDistribution.expand (a FlowDistribution) deliberately wins over Pyro's (ExpandedDistribution)
+# FlowDistribution.expand (a FlowDistribution) deliberately wins over Pyro's (an ExpandedDistribution)
 class PyroFlowDistribution(FlowDistribution, TorchDistributionMixin):  # type: ignore[misc]
     """A :class:`~pushforward.core.FlowDistribution` that is also a Pyro distribution.
 
