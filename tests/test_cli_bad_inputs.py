@@ -31,6 +31,26 @@ TINY = ["--no-progress", "--set", "n_train=400", "--set", "n_val=100", "--set", 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Waits until ``path`` exists; a process that ends first, or a timeout, fails the test (and ends the
+    process and its group, so that nothing is left waiting)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            _end(process)
+            out, err = process.communicate()
+            pytest.fail(f"{path} did not appear: {out[-2000:]} {err[-2000:]}")
+        time.sleep(0.05)
+
+
+def _end(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # started with start_new_session: its whole group
+        except (ProcessLookupError, PermissionError):
+            process.kill()
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """SHA-256 of every file under ``root``, by relative path (directories included, as entries)."""
     out = {}
@@ -141,7 +161,8 @@ def _holder(run_dir: Path, then: str = "time.sleep(60)") -> subprocess.Popen:
     """A process that takes the run directory's lock, says so, then runs ``then``."""
     code = ("import sys, time\nfrom pushforward.rundir import RunLock\n"
             f"lock = RunLock({str(run_dir)!r}).acquire()\nprint('locked', flush=True)\n{then}\n")
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV,
+                         start_new_session=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "locked"
     return p
 
@@ -156,7 +177,7 @@ def test_a_locked_run_directory_refuses_a_second_writer(existing, capsys):
             assert snapshot(existing) == before
             assert "\n" not in line
     finally:
-        holder.kill()
+        _end(holder)
         holder.wait()
 
 
@@ -165,17 +186,15 @@ def test_two_trainings_into_one_directory(tmp_path, capsys):
     run_dir = tmp_path / "shared"
     first = subprocess.Popen([sys.executable, "-m", "pushforward", "train", "--data", "moons", *TINY,
                               "--run-dir", str(run_dir), "--max-steps", "100000", "--set", "val_every=50"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (run_dir / "config.json").exists():
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-            time.sleep(0.05)
+        _wait_for(run_dir / "config.json", first)
         expect(["train", "--data", "moons", *TINY, "--run-dir", run_dir, "--overwrite"], capsys, 2,
                "in use", f"PID {first.pid}")
         assert first.poll() is None  # the first run goes on
     finally:
-        first.kill()
+        _end(first)
         first.communicate()
 
 
@@ -379,3 +398,57 @@ def test_every_config_key_and_option_has_a_rule():
     from pushforward.options import CONFIG_RULES
 
     assert set(CONFIG_RULES) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# -- 5. SIGTERM is the first Ctrl-C: finish the step, save, exit 143, say how to resume ---------------------
+def _training(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pushforward", "train", "--data", "moons", *TINY,
+                             "--run-dir", str(run_dir), "--max-steps", "100000", "--set", "val_every=20", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+
+
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_and_says_how_to_resume(tmp_path, capsys, signum, code):
+    run_dir = tmp_path / "stopped"
+    p = _training(run_dir)
+    try:
+        _wait_for(run_dir / "checkpoint" / "state.json", p)  # after the first validation
+        p.send_signal(signum)
+        out, err = p.communicate(timeout=60)
+    finally:
+        _end(p)
+    assert p.returncode == code, (out, err)
+    assert "Traceback" not in out + err
+    name = signal.Signals(signum).name
+    assert f"stopped by {name}" in out and f"pushforward train --resume --run-dir {run_dir}" in out
+    step = json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"]
+    assert f"stopped (interrupted) at step {step};" in out  # the checkpoint is the step it stopped at
+    assert not (run_dir / ".pushforward.lock").exists()
+    code, out, err = run(["train", "--resume", "--run-dir", run_dir, "--max-steps", str(step + 5),
+                          "--no-progress"], capsys)
+    assert code == 0 and f"stopped (completed) at step {step + 5}" in out, err
+
+
+def test_sigterm_under_torchrun_saves_on_every_rank(tmp_path):
+    """torchrun forwards SIGTERM to its workers; they stop at the same step, rank 0 saves, all exit."""
+    pytest.importorskip("torch.distributed.run")
+    run_dir = tmp_path / "ddp"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "pushforward", "train", "--data", "moons", *TINY,
+                          "--device", "cpu", "--run-dir", str(run_dir), "--max-steps", "100000",
+                          "--set", "val_every=20"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         start_new_session=True)
+    try:
+        _wait_for(run_dir / "checkpoint" / "state.json", p, timeout=120)
+        p.send_signal(signal.SIGTERM)  # to the agent alone, as docker stop or systemd would
+        out, err = p.communicate(timeout=90)
+    finally:
+        _end(p)
+    assert "Traceback" not in out, out
+    assert "stopped by SIGTERM" in out and "pushforward train --resume" in out, (out, err[-3000:])
+    step = json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"]
+    assert f"stopped (interrupted) at step {step};" in out

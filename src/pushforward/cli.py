@@ -62,9 +62,13 @@ def cmd_train(args: argparse.Namespace) -> int:
              f"{best:.4f} nats at step {history.best_step}" if best is not None else
              f"stopped ({history.stop_reason}) at step {history.step} before any validation")
     if history.stop_reason == "interrupted":
-        runs.say(f"checkpoint saved in {Path(config.run_dir) / 'checkpoint'}; continue with: "
-                 f"pushforward train --resume --run-dir {config.run_dir}")
-        return 130
+        import signal
+
+        signum = history.signal or signal.SIGINT
+        saved = runs.last_checkpoint(config.run_dir)
+        runs.say(f"stopped by {signal.Signals(signum).name}; {saved}; continue with: "
+                 f"pushforward train --resume --run-dir {shlex.quote(str(config.run_dir))}")
+        return 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM
     runs.say(f"results in {config.run_dir}; next: pushforward eval {config.run_dir}")
     return 0
 

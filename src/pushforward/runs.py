@@ -39,7 +39,7 @@ from .distributed import setup
 from .experiment import Dataset, Run, build_flow, load_dataset, n_examples, open_run, quantize, test_budget
 from .io import atomic_write
 from .objectives import Batch, Objective, default_objective
-from .rundir import RUN_DIRS, RUN_FILES, clear_run
+from .rundir import RUN_DIRS, RUN_FILES, clear_run, last_checkpoint
 from .train import History, evaluate, fit, seed_from
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "demo",
     "describe_eval",
     "eval_run",
+    "last_checkpoint",
     "plot_run",
     "run_objective",
     "sample_run",

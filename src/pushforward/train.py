@@ -11,8 +11,8 @@ mean per-example loss divided by the data's dimension.
 It validates every epoch (or every ``val_every`` steps) with the same objective, keeps the best
 validation weights (``best.safetensors``), stops early after ``patience`` validations without
 improvement, appends one metrics row per validation to ``metrics.jsonl`` / ``metrics.csv``, and writes a
-resumable checkpoint (see :mod:`pushforward.checkpoint`) after every validation, on Ctrl-C and when the
-time budget runs out. A NaN or infinite loss, gradient or validation figure stops it
+resumable checkpoint (see :mod:`pushforward.checkpoint`) after every validation, on Ctrl-C or SIGTERM
+(after finishing the step) and when the time budget runs out. A NaN or infinite loss, gradient or validation figure stops it
 (:class:`NonFiniteLossError`) without touching the last good checkpoint.
 
 Data-dependent layers (ActNorm) that are not yet initialised are initialised from the first
@@ -96,7 +96,8 @@ class NonFiniteLossError(FloatingPointError):
 class History:
     """What :func:`fit` returns: one row per validation and why training stopped.
 
-    ``stop_reason`` is ``"completed"``, ``"early_stopping"``, ``"time"`` or ``"interrupted"``.
+    ``stop_reason`` is ``"completed"``, ``"early_stopping"``, ``"time"`` or ``"interrupted"`` (then
+    ``signal`` is the signal that asked for it: ``SIGINT``, Ctrl-C, or ``SIGTERM``).
     ``best_val_nll`` is the best validation figure of the objective (nats per example).
     """
 
@@ -106,6 +107,7 @@ class History:
     best_val_nll: float | None = None
     best_step: int | None = None
     run_dir: Path | None = None
+    signal: int | None = None
 
 
 def seed_from(*parts: int) -> int:
@@ -334,19 +336,24 @@ def _write_metrics(run_dir: Path, rows: list[dict], append: dict | None) -> None
 
 
 class _Interrupt:
-    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: KeyboardInterrupt at once."""
+    """A stop request: the first Ctrl-C (SIGINT) or SIGTERM -- what ``docker stop``, Kubernetes, systemd and
+    SLURM pre-emption send, and what torchrun forwards to its workers -- finishes the current step, saves
+    a checkpoint and stops; a second signal raises KeyboardInterrupt at once. ``signum`` is the first."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, say: Callable[[str], None], grace: float = 0.0):
         self.requested = False
+        self.signum: int | None = None
         self.say = say
-        self.previous = None
+        self.previous: dict[int, Any] = {}
         # Under torchrun one Ctrl-C reaches a worker twice (from the terminal, then forwarded by the
-        # agent): a second SIGINT within `grace` seconds is the same request.
+        # agent): a second signal within `grace` seconds is the same request.
         self.grace, self.first = grace, 0.0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
@@ -354,12 +361,14 @@ class _Interrupt:
             if time.monotonic() - self.first < self.grace:
                 return
             raise KeyboardInterrupt
-        self.requested, self.first = True, time.monotonic()
-        self.say("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        self.requested, self.first, self.signum = True, time.monotonic(), signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.say(f"interrupt received ({name}): finishing this step and saving a checkpoint ({name} again to abort)")
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
 
 # -- the loop: a fixed set-up and a mutable state ----------------------------------------------------
@@ -738,8 +747,10 @@ def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say
                 return "early_stopping"
         out_of_time = config.max_minutes > 0 and clock.elapsed() > 60 * config.max_minutes
         # any rank's Ctrl-C or clock stops every rank at this same step
-        interrupt.requested, out_of_time = run.dist.any(interrupt.requested, out_of_time)
-        if interrupt.requested:
+        # (a signal handled while the ranks compare notes sets `requested` for the next step: the result
+        # must not overwrite it, or that signal is lost)
+        stop, out_of_time = run.dist.any(interrupt.requested, out_of_time)
+        if stop:
             raise KeyboardInterrupt
         if out_of_time:
             if state.last_val_step != state.step:
@@ -809,11 +820,13 @@ def _fit(run: _Run, resume: bool, overwrite: bool, callback: Callable[[int, floa
     say = bar.write if run.dist.is_main else (lambda msg: None)
     loss_step = LossStep(model, run.dist, amp=config.amp, compile=config.compile,
                          checkpoint_grads=config.checkpoint_grads)
+    interrupt = _Interrupt(say, grace=2.0 if run.dist.enabled else 0.0)
     try:
-        with _Interrupt(say, grace=2.0 if run.dist.enabled else 0.0) as interrupt:
+        with interrupt:
             reason = _loop(run, state, order, loss_step, bar, say, interrupt, callback)
     except KeyboardInterrupt:
         reason = "interrupted"
+        state.history.signal = int(interrupt.signum or signal.SIGINT)
         if state.updating:
             say(f"interrupted inside an optimizer step; no checkpoint written at step {state.step}")
         else:
