@@ -9,12 +9,19 @@ NLL is then a bound on the discrete values, the same bookkeeping for every metho
 
 Methods, each at the same CPU budget per table (``--budget`` seconds of one thread):
 
-- ``pushforward``: the ``table`` entry's defaults (recipe ``tabular``: the full-covariance Gaussian, then
-  autoregressive splines; steps sized to the table), with ``max_steps`` capped to what fits the budget;
+- ``pushforward``: the ``table`` entry's defaults (recipe ``tabular``: autoregressive splines and the
+  full-covariance Gaussian, which the untrained flow equals; steps sized to the table), with
+  ``max_steps`` capped to what fits the budget;
 - ``gaussian``: the full-covariance Gaussian fitted to the training rows (closed form, no budget);
 - ``zuko-nsf`` / ``zuko-maf``: ``zuko.flows.NSF(D)`` / ``zuko.flows.MAF(D)`` with their documented
   defaults (3 transforms, hidden (64, 64)), trained by the same loop (Adam, lr 1e-3, batch 256, warm-up
   and cosine, validation, early stopping, best weights restored), their steps capped to the budget.
+
+The budget is CPU time of the worker process (one thread), so a loaded machine does not change who gets
+how many steps: each trained method times 20 of its own optimizer steps and one validation pass on a
+copy of its model (``time.process_time``) and gets ``max_steps = (0.9 budget - 40 validations) / step``
+(at most the table's sized ``max_steps``), validating every ``max_steps // 40`` steps; the wall clock is
+only a safety net (4x the budget). pushforward's CPU also pays its run directory (checkpoints, metrics).
 
 Test NLL in nats per row in the standardised space, +- the standard error over the test rows.
 
@@ -88,23 +95,51 @@ def load_table(name: str, data_dir: str) -> tuple[np.ndarray, list[str]]:
     return numeric.to_numpy(dtype=float), [str(c) for c in numeric.columns]
 
 
-def _config(csv: Path, run_dir: Path, budget: float, calibrate: bool = True):
-    """The ``table`` entry's defaults for ``csv`` (steps sized to the table), capped to the budget."""
-    from pushforward.experiment import load_dataset
-    from pushforward.runs import calibrate_steps, train_config
+def _config(csv: Path, run_dir: Path):
+    """The ``table`` entry's defaults for ``csv`` (``load_dataset`` fills in those sized to the table)."""
+    from pushforward.runs import train_config
 
-    config = train_config(
-        overrides={"data": str(csv), "run_dir": str(run_dir), "progress": False, "threads": 1}
-    )
-    load_dataset(config)  # fills in the settings sized to the table
-    sized = config.max_steps
-    if not calibrate:
-        return config
-    fits = calibrate_steps(config, 0.85 * budget / 60)
-    config.max_steps = min(sized, fits)
+    overrides = {"data": str(csv), "run_dir": str(run_dir), "progress": False, "threads": 1}
+    return train_config(overrides=overrides)
+
+
+def _cpu_per_step(model, objective, dataset, batch_size: int, eval_batch_size: int) -> tuple[float, float]:
+    """CPU seconds (this process, one thread) of one optimizer step and of one validation pass, timed on a
+    throwaway copy of the model (20 steps after 3 of warm-up)."""
+    import copy
+
+    import torch
+
+    from pushforward.objectives import Batch
+
+    model = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = dataset.train[: min(batch_size, len(dataset.train))]
+    t0 = time.process_time()
+    for i in range(23):
+        if i == 3:
+            t0 = time.process_time()
+        loss = objective.loss(model, Batch(x), torch.Generator().manual_seed(i)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    per_step = (time.process_time() - t0) / 20
+    t0 = time.process_time()
+    with torch.no_grad():
+        for chunk in dataset.val.split(eval_batch_size):
+            objective.loss(model, Batch(chunk), torch.Generator().manual_seed(0))
+    return per_step, time.process_time() - t0
+
+
+def _fit_budget(config, model, objective, dataset, budget: float) -> None:
+    """Caps ``config.max_steps`` to what fits ``budget`` CPU seconds with 40 validations (the same rule for
+    every trained method: the schedule then completes within the budget), validation every
+    ``max_steps // 40`` steps; the wall clock (``max_minutes``) is only a safety net at 4x the budget."""
+    per_step, per_val = _cpu_per_step(model, objective, dataset, config.batch_size, config.eval_batch_size)
+    fits = int((0.9 * budget - 40 * per_val) / per_step)
+    config.max_steps = max(50, min(config.max_steps, fits))
     config.val_every = max(5, min(config.val_every, config.max_steps // 40))
-    config.max_minutes = budget / 60
-    return config
+    config.max_minutes = 4 * budget / 60
 
 
 class _Zuko:
@@ -134,8 +169,8 @@ def run_one(job: tuple[str, str, str, float, str]) -> dict:
 
     warnings.simplefilter("ignore")
     from pushforward.data.tabular import gaussian_baseline, table_objective
-    from pushforward.experiment import load_dataset
-    from pushforward.runs import eval_run, train_run
+    from pushforward.experiment import build_flow, load_dataset
+    from pushforward.runs import eval_run, run_objective, train_run
     from pushforward.train import evaluate, fit
 
     table, columns = load_table(name, data_dir)
@@ -150,10 +185,13 @@ def run_one(job: tuple[str, str, str, float, str]) -> dict:
         os.replace(tmp, csv)
     start = time.process_time()
     row: dict = {"table": name, "method": method, "rows": int(table.shape[0])}
+    config = _config(csv, folder / method)
+    dataset = load_dataset(config)  # fills in the settings sized to the table
     if method == "pushforward":
-        config = _config(csv, folder / "run", budget)
+        model = build_flow(config, dataset)
+        _fit_budget(config, model, run_objective(config, model, dataset), dataset, budget)
         history, dataset, _ = train_run(config, overwrite=True)
-        result = eval_run(folder / "run")
+        result = eval_run(folder / method)
         row.update(
             nll=result["nll"],
             stderr=result["nll_stderr"],
@@ -162,8 +200,6 @@ def run_one(job: tuple[str, str, str, float, str]) -> dict:
             stop=history.stop_reason,
         )
     else:
-        config = _config(csv, folder / method, budget, calibrate=False)
-        dataset = load_dataset(config)
         objective = table_objective(config, dataset)
         if method == "gaussian":
             figures = gaussian_baseline(
@@ -175,29 +211,7 @@ def run_one(job: tuple[str, str, str, float, str]) -> dict:
             d = dataset.event_shape[0]
             torch.manual_seed(config.seed)
             model = _Zuko(zuko.flows.NSF(d) if method == "zuko-nsf" else zuko.flows.MAF(d))
-            # steps that fit the budget, timed like pushforward's (calibrate_steps times the configured recipe
-            # so time zuko here: 20 steps)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            from pushforward.objectives import Batch
-
-            bs = min(config.batch_size, len(dataset.train))
-            t0 = time.monotonic()
-            for i in range(23):
-                if i == 3:
-                    t0 = time.monotonic()
-                loss = objective.loss(
-                    model, Batch(dataset.train[:bs]), torch.Generator().manual_seed(i)
-                ).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            per_step = (time.monotonic() - t0) / 20 * 1.05
-            torch.manual_seed(config.seed)
-            model = _Zuko(zuko.flows.NSF(d) if method == "zuko-nsf" else zuko.flows.MAF(d))
-            # the same step sizing as pushforward's, capped to the budget
-            config.max_steps = max(50, min(config.max_steps, int(0.85 * budget / per_step)))
-            config.val_every = max(5, min(config.val_every, config.max_steps // 40))
-            config.max_minutes = budget / 60
+            _fit_budget(config, model, objective, dataset, budget)  # times a copy: model stays untrained
             config.run_dir = ""
             history = fit(model, dataset.train, dataset.val, config, objective=objective)
             result = evaluate(

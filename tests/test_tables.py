@@ -99,14 +99,15 @@ def test_dequantization_none_turns_it_off(tmp_path):
 
 # -- the Gaussian floor --------------------------------------------------------------------------------
 @pytest.mark.parametrize("features", [1, 4, 12])
-def test_untrained_default_model_is_the_gaussian_fit(features):
+@pytest.mark.parametrize("gaussian_at", ["start", "end"])
+def test_untrained_default_model_is_the_gaussian_fit(features, gaussian_at):
     from pushforward.data.tabular import initialize_from_table
     from pushforward.models import tabular
     from pushforward.objectives import NLL
 
     torch.manual_seed(0)
     x = torch.randn(300, features) @ torch.randn(features, features) + torch.randn(features)
-    flow = tabular(features)
+    flow = tabular(features, gaussian_at=gaussian_at)
     initialize_from_table(flow, x, NLL(), seed=0)
     x64 = x.double()
     cov = torch.cov(x64.T, correction=0).reshape(features, features)
@@ -116,6 +117,57 @@ def test_untrained_default_model_is_the_gaussian_fit(features):
     torch.testing.assert_close(
         flow.log_prob(test).double(), reference.log_prob(test.double()), atol=1e-3, rtol=1e-4
     )
+
+
+def test_sized_defaults_place_the_gaussian_by_table_size():
+    from pushforward.data.tabular import sized_defaults
+
+    assert sized_defaults(500, 9)["model"]["gaussian_at"] == "end"
+    assert sized_defaults(5_000, 9)["model"]["gaussian_at"] == "start"
+    with pytest.raises(ValueError, match="gaussian_at"):
+        from pushforward.models import tabular
+
+        tabular(3, gaussian_at="middle")
+
+
+@pytest.mark.parametrize("far", [50.0, 1e4])
+def test_outlier_row_scores_near_the_gaussian(far):
+    """A row far outside the training data (whitened value ``far`` in one coordinate, as in Shuttle's test
+    rows) scores within the flow's largest excess over the Gaussian on its training rows. Why that bound:
+    the far coordinate passes every spline through its identity tails, so its quadratic term is the
+    Gaussian's (same whitening layer); the other coordinates' spline parameters come from conditioners
+    that read the far value soft-clipped to ``input_bound``, i.e. from inputs in the range of the training
+    rows. Without the clip (``input_bound=0``) the same conditioners scale their parameters with ``far``."""
+    from pushforward import initialize
+    from pushforward.models import gaussian, tabular
+    from pushforward.transforms import Autoregressive
+
+    torch.manual_seed(0)
+    d = 4
+    x = torch.randn(500, d) @ torch.randn(d, d)
+    reference = gaussian(d)
+    initialize(reference, x)
+    reference.eval()
+    chol = torch.linalg.cholesky(torch.cov(x.T, correction=0))
+    row = (x.mean(0) + chol @ torch.tensor([far, 0.5, -0.3, 0.2]))[None]
+    excess = {}
+    for bound in (4.0, 0.0):
+        torch.manual_seed(1)
+        flow = tabular(d, layers=3, hidden=(32, 32), input_bound=bound)
+        initialize(flow, x)
+        with torch.no_grad():  # "trained" conditioners: the zero-initialised last layers get weights
+            for layer in flow.modules():
+                if isinstance(layer, Autoregressive):
+                    last = [m for m in layer.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+                    last.weight.normal_(0, 0.3)
+        flow.eval()
+        with torch.no_grad():
+            on_train = float((reference.log_prob(x) - flow.log_prob(x)).max())
+            excess[bound] = float(reference.log_prob(row) - flow.log_prob(row))
+        assert math.isfinite(excess[bound])
+        if bound:
+            assert excess[bound] <= on_train, (excess, on_train)
+    assert excess[0.0] > excess[4.0] + 10  # the clip is what bounds it
 
 
 def test_gaussian_whitening_handles_a_singular_covariance():

@@ -190,7 +190,7 @@ register("table", kind="table", load=table_splits, metavar="FILE.csv|.npy|.npz",
               "are dequantized; the model starts at the full-covariance Gaussian",
          settings={"batch_size": 256, "lr": 1e-3, "max_steps": -1, "val_every": -1, "warmup_steps": 100,
                    "patience": 20},
-         recipe="tabular", models={"tabular": {"layers": "auto", "hidden": "auto"},
+         recipe="tabular", models={"tabular": {"layers": "auto", "hidden": "auto", "gaussian_at": "auto"},
                                    "nsf": {"layers": 5, "hidden": [128, 128], "bins": 8},
                                    "realnvp": {"layers": 8, "hidden": [128, 128]},
                                    "nice": {"layers": 8, "hidden": [128, 128]}})
