@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -452,3 +453,78 @@ def test_sigterm_under_torchrun_saves_on_every_rank(tmp_path):
     assert "stopped by SIGTERM" in out and "pushforward train --resume" in out, (out, err[-3000:])
     step = json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"]
     assert f"stopped (interrupted) at step {step};" in out
+
+
+# -- 9. every weights file the command line loads is verified -----------------------------------------------
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("target, argv, words", [
+    ("best.safetensors", ["eval", RUN], ["best.safetensors", "corrupted", "SHA-256"]),
+    ("best.safetensors", ["sample", RUN], ["best.safetensors", "corrupted"]),
+    ("best.safetensors", ["train", "--resume", "--run-dir", RUN, "--max-steps", "20", "--no-progress"],
+     ["best.safetensors", "corrupted"]),
+    ("best.safetensors", ["compare", "--data", "moons", "--flow", RUN, "--run-dir", "{tmp}/cmp"],
+     ["best.safetensors", "corrupted"]),
+    ("checkpoint/model.safetensors", ["eval", RUN, "--checkpoint"], ["model.safetensors", "corrupted"]),
+    ("checkpoint/model.safetensors", ["eval", f"{RUN}/checkpoint"], ["model.safetensors", "corrupted"]),
+    ("checkpoint/model.safetensors", ["eval", f"{RUN}/checkpoint/model.safetensors"],
+     ["model.safetensors", "corrupted"]),
+    ("checkpoint/model.safetensors", ["train", "--resume", "--run-dir", RUN, "--max-steps", "20"],
+     ["model.safetensors", "corrupted"]),
+    ("checkpoint/state.safetensors", ["train", "--resume", "--run-dir", RUN, "--max-steps", "20"],
+     ["state.safetensors", "corrupted"]),
+], ids=["eval", "sample", "resume-best", "compare", "eval-checkpoint", "eval-checkpoint-dir", "eval-weights-file",
+        "resume-model", "resume-state"])
+def test_a_flipped_bit_is_an_error_on_every_path(existing, tmp_path, capsys, target, argv, words):
+    _flip_last_byte(existing / target)
+    argv = [str(a).replace(RUN, str(existing)).replace("{tmp}", str(tmp_path)) for a in argv]
+    expect(argv, capsys, 2, *words, existing=existing)
+
+
+def test_a_changed_architecture_record_is_an_error(existing, capsys):
+    path = existing / "best.safetensors"
+    data = path.read_bytes()
+    assert data.count(b'\\"layers\\": 2') == 1
+    path.write_bytes(data.replace(b'\\"layers\\": 2', b'\\"layers\\": 3'))  # same length, valid JSON
+    expect(["eval", existing], capsys, 2, "best.safetensors", "corrupted", existing=existing)
+
+
+def _crafted(path: Path, recipe: dict, tensors: dict) -> Path:
+    import safetensors.torch as st
+
+    st.save_file(tensors, str(path), metadata={"pushforward_recipe": json.dumps(recipe)})
+    return path
+
+
+def test_a_small_file_cannot_make_load_allocate_a_huge_model(tmp_path):
+    import pushforward as pf
+
+    huge = {"recipe": "realnvp", "kwargs": {"features": 2, "layers": 8, "hidden": [200_000, 200_000]}}
+    path = _crafted(tmp_path / "tiny.safetensors", huge, {"x": torch.zeros(1)})
+    assert path.stat().st_size < 400
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="far larger than the 4 bytes"):
+        pf.load(path)
+    assert time.monotonic() - start < 5
+
+
+def test_load_compares_the_header_with_the_recorded_architecture(tmp_path):
+    import pushforward as pf
+    from pushforward import models
+
+    flow = models.realnvp(2, layers=2, hidden=(8,))
+    state = {k: v.contiguous() for k, v in flow.state_dict().items()}
+    renamed = {("renamed." + k if i == 0 else k): v for i, (k, v) in enumerate(state.items())}
+    with pytest.raises(ValueError, match="does not match the architecture it records: missing .*unexpected renamed"):
+        pf.load(_crafted(tmp_path / "a.safetensors", flow.recipe, renamed))
+    key = next(k for k, v in state.items() if v.dim() == 2)
+    reshaped = {**state, key: torch.zeros(state[key].shape[0] + 1, state[key].shape[1])}
+    with pytest.raises(ValueError, match=f"shape of {re.escape(key)}"):
+        pf.load(_crafted(tmp_path / "b.safetensors", flow.recipe, reshaped))
+    (tmp_path / "c.safetensors").write_bytes((tmp_path / "b.safetensors").read_bytes()[:-7])  # truncated
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        pf.load(tmp_path / "c.safetensors")

@@ -181,7 +181,7 @@ def test_files_with_the_former_record_and_argument_names_still_load(name, tmp_pa
     path = tmp_path / "f.safetensors"
     pf.save(flow, path)
     with st.safe_open(str(path), framework="pt") as f:
-        assert set(f.metadata()) == {"pushforward_recipe"}
+        assert set(f.metadata()) == {"pushforward_recipe", "pushforward_sha256"}
     old = _as_formerly_written(flow.recipe)
     if name in _FORMER:
         assert old != flow.recipe

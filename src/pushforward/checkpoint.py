@@ -32,7 +32,7 @@ import torch
 
 from .io import _dtype_of, _safetensors, dtype_mismatches, save
 
-__all__ = ["CHECKPOINT", "checkpoint_dir", "load_checkpoint", "read_state", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "checkpoint_dir", "load_checkpoint", "read_state", "save_checkpoint", "verify_file"]
 
 CHECKPOINT = "checkpoint"
 _OLD = ".checkpoint-old"
@@ -186,6 +186,17 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
         if key not in record:
             raise ValueError(f"checkpoint file {file} is corrupted: missing {key!r}")
     return record
+
+
+def verify_file(path: str | os.PathLike) -> Path:
+    """Checks a file of a checkpoint directory (``model.safetensors``, ``state.safetensors``) against the
+    SHA-256 its ``state.json`` recorded; returns the path.
+
+    Raises:
+        ValueError: the file is missing, corrupted or belongs to another checkpoint.
+    """
+    path = Path(path)
+    return _verified(path.parent, path.name, read_state(path.parent))
 
 
 def _verified(ckpt: Path, name: str, record: dict) -> Path:

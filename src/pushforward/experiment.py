@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import CHECKPOINT, JSON_FILE, MODEL_FILE, read_state
+from .checkpoint import CHECKPOINT, JSON_FILE, MODEL_FILE, read_state, verify_file
 from .config import TrainConfig, config_from_dict, dataset_entry, model_kwargs
 from .core import Flow
 from .data.registry import Dataset
@@ -125,7 +125,9 @@ def open_run(path: str | Path, checkpoint: bool = False, map_location: str = "cp
     if values is None:
         raise FileNotFoundError(f"no config.json (or checkpoint state) next to {weights}; "
                                 "cannot tell its data")
-    flow = load(weights, map_location=map_location)
+    if (weights.parent / JSON_FILE).exists():  # a checkpoint's weights: also the hash its state.json recorded
+        verify_file(weights)
+    flow = load(weights, map_location=map_location)  # checks the SHA-256 the file carries
     flow.eval()
     return Run(flow, config_from_dict(values), run_dir, weights)
 

@@ -6,11 +6,19 @@ Files that record the former argument names (``bound``, now ``scale_bound`` or `
 dequantizer's ``levels``, now ``quantization_levels``) still load.
 Loading is exact: every tensor comes back with the dtype and the bits it was saved with (a float64
 flow stays float64), and a tensor whose dtype cannot be matched is an error, never a silent cast.
+
+Integrity: :func:`save` records the SHA-256 of the recipe record and of every tensor in the file's
+metadata, and :func:`load` checks it, so a flipped bit anywhere in the tensors or the record is an
+error naming the file. Before reading any tensor, :func:`load` builds the recorded architecture under
+an allocation limit tied to the size of the file's tensors and compares its tensor names and shapes
+with the file's header: a small file cannot make it allocate an arbitrary amount of memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -18,12 +26,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .core import Flow
 
 __all__ = ["load", "save"]
 
 _KEY = "pushforward_recipe"
+_SHA_KEY = "pushforward_sha256"  # of the recipe record and every tensor's name, dtype, shape and bytes
 _OLD_KEY = "pushforward_config"  # the same record under its former name, with the former argument names
 # argument names as they were under _OLD_KEY, per recipe
 _RENAMED = {**{name: {"bound": "scale_bound"} for name in ("realnvp", "realnvp_image", "glow", "maf", "iaf")},
@@ -101,6 +111,43 @@ def _renamed(recipe: dict) -> dict:
     return {**recipe, "kwargs": kwargs}
 
 
+def _digest(recipe_json: str, state: dict[str, Tensor]) -> str:
+    """SHA-256 of the recipe record and of every tensor (name, dtype, shape, bytes), in name order: what
+    a file written by :func:`save` must still hold when it is loaded."""
+    h = hashlib.sha256(recipe_json.encode())
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_FACTORIES = ("empty", "empty_strided", "zeros", "ones", "full", "rand", "randn", "randint", "normal", "eye",
+              "arange", "randperm", "new_empty", "new_zeros", "new_ones", "new_full")
+
+
+class _AllocationLimit(TorchDispatchMode):
+    """Refuses (``MemoryError``) to allocate more than ``limit`` bytes in all while it is active: building
+    the architecture a file records must not cost far more than the file's own tensors."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.used = limit, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in _FACTORIES:  # count what is asked for before it is allocated
+            dims = [a for a in args if isinstance(a, list | tuple) and all(isinstance(d, int) for d in a)]
+            ints = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+            numel = math.prod(dims[0]) if dims else (max(ints) ** (2 if name == "eye" else 1) if ints else 1)
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            self.used += numel * torch.empty((), dtype=dtype).element_size()
+            if self.used > self.limit:
+                raise MemoryError(f"{self.used:,} bytes")
+        return func(*args, **kwargs)
+
+
 def save(flow: Flow, path: str | os.PathLike) -> None:
     """Writes ``flow``'s weights and recipe to one ``.safetensors`` file, atomically.
 
@@ -117,7 +164,8 @@ def save(flow: Flow, path: str | os.PathLike) -> None:
             "recorded; save flow.state_dict() and rebuild the flow yourself"
         )
     state = {k: v.detach().contiguous().cpu() for k, v in flow.state_dict().items()}
-    metadata = {_KEY: json.dumps(flow.recipe)}
+    record = json.dumps(flow.recipe)
+    metadata = {_KEY: record, _SHA_KEY: _digest(record, state)}
     atomic_write(path, lambda tmp: _safetensors().save_file(state, tmp, metadata=metadata))
 
 
@@ -148,21 +196,71 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> F
     try:
         with st.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        state = st.load_file(str(path), device=str(map_location))
+            header = {}
+            for key in f.keys():
+                part = f.get_slice(key)
+                header[key] = (tuple(part.get_shape()), part.get_dtype())
     except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
-    if _KEY in metadata:
-        recipe = json.loads(metadata[_KEY])
-    elif _OLD_KEY in metadata:
-        recipe = _renamed(json.loads(metadata[_OLD_KEY]))
-    else:
-        raise ValueError(f"{path} has no pushforward architecture record; was it written by pushforward.save?")
-    flow = build(recipe)
+        raise ValueError(f"{path} is not a readable safetensors file ({_one_line(e)})") from e
+    text = metadata.get(_KEY)
+    try:
+        state = st.load_file(str(path), device="cpu")  # no more memory than the file's own tensors
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({_one_line(e)})") from e
+    if _SHA_KEY in metadata and (text is None or _digest(text, state) != metadata[_SHA_KEY]):
+        raise ValueError(f"{path} is corrupted: its tensors or architecture record differ from the SHA-256 "
+                         "recorded when it was saved")
+    try:
+        if text is not None:
+            recipe = json.loads(text)
+        elif _OLD_KEY in metadata:
+            recipe = _renamed(json.loads(metadata[_OLD_KEY]))
+        else:
+            raise ValueError(f"{path} has no pushforward architecture record; was it written by pushforward.save?")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupted: its architecture record is not valid JSON ({e})") from e
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path} is corrupted: its architecture record is not a recipe")
+    flow = _skeleton(path, recipe, header, build)
     try:
         _match_dtypes(flow, state)
         flow.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path} does not match the architecture it records: {e}") from e
+        raise ValueError(f"{path} does not match the architecture it records: {_one_line(e)}") from e
     if bad := dtype_mismatches(flow, state):  # pragma: no cover - _match_dtypes converted them all
         raise ValueError(f"{path}: tensors changed dtype on loading: {', '.join(bad)}")
     return flow.to(map_location)
+
+
+def _skeleton(path: Path, recipe: dict, header: dict[str, tuple[tuple[int, ...], str]], build) -> Flow:
+    """The recorded architecture, built without letting it allocate far more than the file holds, and
+    checked against the tensor names and shapes of the file's header before any tensor is read."""
+    sizes = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+             "U16": 2}
+    data_bytes = sum(math.prod(shape) * sizes.get(dtype, 1) for shape, dtype in header.values())
+    limit = 4 * data_bytes + (64 << 20)  # float32 build of a float64/bf16 file, buffers the file omits
+    try:
+        with _AllocationLimit(limit):
+            flow = build(recipe)
+    except MemoryError as e:
+        raise ValueError(f"{path} records an architecture far larger than the {data_bytes:,} bytes of tensors "
+                         f"it holds (building it asked for more than {limit:,} bytes): it does not match "
+                         f"its record {json.dumps(recipe)[:200]}") from e
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{path} records an architecture that cannot be built ({_one_line(e)})") from e
+    expected = {k: tuple(v.shape) for k, v in flow.state_dict().items()}
+    saved = {k: shape for k, (shape, _) in header.items()}
+    if expected != saved:
+        missing = sorted(set(expected) - set(saved))
+        extra = sorted(set(saved) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(saved) if expected[k] != saved[k])
+        parts = [f"missing {', '.join(missing[:3])}" if missing else "",
+                 f"unexpected {', '.join(extra[:3])}" if extra else "",
+                 "shape of " + ", ".join(f"{k} {saved[k]} != {expected[k]}" for k in shapes[:3]) if shapes else ""]
+        raise ValueError(f"{path} does not match the architecture it records: "
+                         f"{'; '.join(p for p in parts if p)}")
+    return flow
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
