@@ -528,3 +528,103 @@ def test_load_compares_the_header_with_the_recorded_architecture(tmp_path):
     (tmp_path / "c.safetensors").write_bytes((tmp_path / "b.safetensors").read_bytes()[:-7])  # truncated
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         pf.load(tmp_path / "c.safetensors")
+
+
+# -- 8. the file system: one-line errors naming the file and what is intact; eval prints first ----------------
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_intact_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from pushforward import checkpoint
+
+    run_dir, calls = tmp_path / "full", []
+    real = checkpoint._fsync
+
+    def fsync(path):
+        calls.append(path)
+        if len(calls) > 1:  # the first checkpoint (step 5) is written, the second (step 10) is not
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path)
+
+    monkeypatch.setattr(checkpoint, "_fsync", fsync)
+    line = expect(["train", "--data", "moons", *TINY, "--run-dir", run_dir, "--max-steps", "20",
+                   "--set", "val_every=5"], capsys, 1, "No space left on device", "state.safetensors",
+                  f"the last intact checkpoint is {run_dir / 'checkpoint'} (step 5)", "--resume")
+    assert "Traceback" not in line
+    monkeypatch.setattr(checkpoint, "_fsync", real)
+    assert checkpoint.read_state(run_dir)["step"] == 5 and not list(run_dir.glob(".checkpoint-tmp-*"))
+    assert not (run_dir / ".pushforward.lock").exists()
+    code, out, err = run(["train", "--resume", "--run-dir", run_dir, "--no-progress"], capsys)
+    assert code == 0 and "stopped (completed) at step 20" in out, err
+
+
+@pytest.mark.parametrize("errno_name", ["EROFS", "EACCES"])
+def test_a_read_only_run_directory_is_one_line_and_changes_nothing(existing, capsys, monkeypatch, errno_name):
+    import errno
+
+    from pushforward import rundir
+
+    real = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(existing)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            code = getattr(errno, errno_name)
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.os, "open", read_only)
+    for argv in (["train", "--resume", "--run-dir", existing, "--max-steps", "20", "--no-progress"],
+                 ["train", "--data", "moons", *TINY, "--run-dir", existing, "--overwrite"]):
+        expect(argv, capsys, 1, "cannot write in the run directory", os.strerror(getattr(errno, errno_name)),
+               ".pushforward.lock", "nothing in it was changed", existing=existing)
+
+
+def test_eval_prints_its_result_before_a_failing_write(existing, capsys, monkeypatch):
+    import errno
+
+    from pushforward import runs
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs, "atomic_write", full)
+    before = snapshot(existing)
+    code, out, err = run(["eval", existing], capsys)
+    assert code == 1 and "NLL" in out and "max |f^-1(f(x)) - x|" in out  # the result is on the screen
+    assert err.count("\n") == 1 and "eval.json" in err and "No space left on device" in err
+    assert "not saved" in err and "Traceback" not in err
+    assert snapshot(existing) == before
+
+
+def test_a_relative_data_path_is_stored_absolute(tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    _table(work / "t.csv")
+    monkeypatch.chdir(work)
+    assert run(["train", "--data", "t.csv", "--recipe", "maf", "--set", "model.layers=1", "--set",
+                "model.hidden=[8]", "--max-steps", "3", "--no-progress"], capsys)[0] == 0
+    run_dir = work / "runs" / "t-maf"
+    assert json.loads((run_dir / "config.json").read_text())["train"]["data"] == str(work / "t.csv")
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    code, out, err = run(["eval", run_dir], capsys)
+    assert code == 0, err
+    code, out, err = run(["train", "--resume", "--run-dir", run_dir, "--data", str(work / "t.csv"),
+                          "--max-steps", "4", "--no-progress"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                         (0o002, 0o664, 0o775)])
+def test_output_files_follow_the_umask(tmp_path, capsys, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        run_dir = tmp_path / "modes"
+        assert run(["train", "--data", "moons", *TINY, "--run-dir", run_dir, "--max-steps", "4"], capsys)[0] == 0
+        assert run(["eval", run_dir], capsys)[0] == 0
+        assert run(["sample", run_dir, "--n", "50"], capsys)[0] == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(run_dir)): p.stat().st_mode & 0o777 for p in run_dir.rglob("*")}
+    assert {name: mode for name, mode in modes.items()
+            if mode != (dir_mode if (run_dir / name).is_dir() else file_mode)} == {}
+    assert {"best.safetensors", "metrics.csv", "config.json", "eval.json", "samples.png", "checkpoint",
+            "checkpoint/state.json"} <= set(modes)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .io import _dtype_of, _safetensors, dtype_mismatches, save
+from .rundir import file_mode
 
 __all__ = ["CHECKPOINT", "checkpoint_dir", "load_checkpoint", "read_state", "save_checkpoint", "verify_file"]
 
@@ -133,10 +134,12 @@ def save_checkpoint(run_dir: str | os.PathLike, flow, optimizer: torch.optim.Opt
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=run_dir))
     try:
+        os.chmod(tmp, file_mode(directory=True))  # mkdtemp made it 0700: the umask decides, as for any directory
         save(flow, tmp / MODEL_FILE)
         opt_tensors, opt_json = optimizer_state(optimizer)
         rng_tensors, rng_json = rng_state()
         st.save_file({**opt_tensors, **rng_tensors}, str(tmp / STATE_FILE))
+        os.chmod(tmp / STATE_FILE, file_mode())  # safetensors writes 0600
         _fsync(tmp / STATE_FILE)
         record = {
             "format": _FORMAT, "version": _VERSION, **state,

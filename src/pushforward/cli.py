@@ -77,9 +77,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import runs
 
-    result = runs.eval_run(args.run, args.split, args.batch_size, args.checkpoint)
-    runs.say(runs.describe_eval(result))
-    runs.say(f"wrote {result['path']}")
+    result = runs.evaluate_run(args.run, args.split, args.batch_size, args.checkpoint,
+                               progress=not args.no_progress)
+    runs.say(runs.describe_eval(result))  # first: a failing write must not lose the result
+    try:
+        runs.say(f"wrote {runs.write_eval(result)}")
+    except OSError as e:
+        print(f"pushforward eval: error: could not write {result['path']} ({e.strerror or e}); the result "
+              "above was not saved", file=sys.stderr, flush=True)
+        return 1
     return 0 if result["finite"] else 1
 
 

@@ -338,7 +338,10 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         config_from_dict(defaults)
     except ValueError as e:
         raise ValueError(f"the registered defaults of data set {entry.name!r} are not valid: {e}") from None
-    return check_config(config_from_dict(merge(defaults, user)))
+    config = config_from_dict(merge(defaults, user))
+    if entry.claims is not None and Path(config.data).exists():  # a file: recorded so that it resolves anywhere
+        config.data = str(Path(config.data).resolve())
+    return check_config(config)
 
 
 def context_classes(config: TrainConfig) -> int:

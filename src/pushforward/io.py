@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .core import Flow
+from .rundir import file_mode
 
 __all__ = ["load", "save"]
 
@@ -49,7 +50,10 @@ def _safetensors():
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Calls ``write(tmp_path)`` then renames the file into place, so ``path`` is never half-written."""
+    """Calls ``write(tmp_path)`` then renames the file into place, so ``path`` is never half-written.
+
+    The file gets the mode the umask gives any new file (``0o644`` under the usual ``022``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -58,6 +62,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp made it 0600: give it the mode any new file gets (the umask's)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

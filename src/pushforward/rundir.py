@@ -27,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FILESYSTEM_ERRNOS",
     "LOCK_FILE",
     "RUN_DIRS",
     "RUN_FILES",
     "RunInUseError",
     "RunLock",
+    "RunWriteError",
     "clear_run",
     "file_mode",
     "last_checkpoint",
+    "write_failure",
 ]
 
 #: The files a training run writes into its directory (:func:`clear_run` removes these and nothing else).
@@ -45,6 +48,28 @@ LOCK_FILE = ".pushforward.lock"
 
 class RunInUseError(FileExistsError):
     """Another process holds the run directory's lock; the message names its PID."""
+
+
+class RunWriteError(OSError):
+    """The run directory could not be written (a full disk, a read-only file system, no permission);
+    the message names the file and the last intact checkpoint."""
+
+
+#: The errors of the file system rather than of the input: a full disk, a read-only file system, ...
+FILESYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+
+
+def write_failure(error: OSError, run_dir: str | os.PathLike, started: bool = True) -> RunWriteError:
+    """A :class:`RunWriteError` for ``error`` met while writing ``run_dir``: which file, why, what is intact
+    and how to go on (``started``: the run had begun writing; else nothing in ``run_dir`` changed)."""
+    what = error.strerror or type(error).__name__
+    where = f" ({error.filename})" if error.filename else ""
+    if not started:
+        return RunWriteError(f"cannot write in the run directory {run_dir}: {what}{where}; nothing in it was "
+                             "changed")
+    return RunWriteError(f"could not write in the run directory {run_dir}: {what}{where}; "
+                         f"{last_checkpoint(run_dir)}; once that is fixed, continue with: "
+                         f"pushforward train --resume --run-dir {run_dir}")
 
 
 def clear_run(run_dir: str | os.PathLike) -> None:

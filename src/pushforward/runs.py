@@ -50,6 +50,7 @@ __all__ = [
     "demo",
     "describe_eval",
     "eval_run",
+    "evaluate_run",
     "last_checkpoint",
     "plot_run",
     "run_objective",
@@ -57,6 +58,7 @@ __all__ = [
     "say",
     "train_config",
     "train_run",
+    "write_eval",
 ]
 
 def say(*args) -> None:
@@ -158,17 +160,39 @@ def train_run(config: TrainConfig, resume: bool = False, overwrite: bool = False
 
 # -- eval ----------------------------------------------------------------------------------------------
 def eval_run(path: str | Path, split: str = "test", batch_size: int | None = None,
-             checkpoint: bool = False) -> dict:
-    """Evaluates a run (best weights) on a split and writes ``eval.json`` into the run directory.
+             checkpoint: bool = False, progress: bool = False) -> dict:
+    """Evaluates a run (best weights) on a split and writes ``eval.json`` into the run directory
+    (:func:`evaluate_run`, then :func:`write_eval`).
 
     The result's ``"path"`` is where ``eval.json`` was written.
+    """
+    result = evaluate_run(path, split, batch_size, checkpoint, progress)
+    write_eval(result)
+    return result
+
+
+def write_eval(result: dict) -> Path:
+    """Writes a result of :func:`evaluate_run` to its ``"path"`` (the run's ``eval.json``), atomically."""
+    target = Path(result["path"])
+    text = json.dumps({k: v for k, v in result.items() if k != "path"}, indent=1)
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+    return target
+
+
+def evaluate_run(path: str | Path, split: str = "test", batch_size: int | None = None,
+                 checkpoint: bool = False, progress: bool = False) -> dict:
+    """Evaluates a run (best weights; ``checkpoint``: the last checkpoint) on a split; writes nothing.
+
+    The result's ``"path"`` is where :func:`write_eval` puts it (``RUN/eval.json``); ``progress`` shows
+    a progress bar for passes that take more than a few seconds.
     """
     run = open_run(path, checkpoint=checkpoint)
     dataset = load_dataset(run.config)
     data = {"test": dataset.test, "val": dataset.val, "train": dataset.train}[split]
     objective = run_objective(run.config, run.flow, dataset)
     result = evaluate(run.flow, data, batch_size or run.config.eval_batch_size, seed=run.config.seed,
-                      device=run.config.device, classes=context_classes(run.config), objective=objective)
+                      device=run.config.device, classes=context_classes(run.config), objective=objective,
+                      progress=f"eval {dataset.name} ({split})" if progress else "")
     result = {"data": dataset.name, "split": split, "weights": str(run.weights), **result}
     if dataset.kind == "table":  # the floor: the full-covariance Gaussian of the training rows, same objective
         from .data.tabular import gaussian_baseline
@@ -189,8 +213,6 @@ def eval_run(path: str | Path, split: str = "test", batch_size: int | None = Non
                           "std), as the MAF/NSF papers report; nll_original: nats per row in the table's own "
                           "units, nll + sum(log std) (the log-likelihood minus the standardisation's "
                           "log-determinant)")
-    text = json.dumps(result, indent=1)
-    atomic_write(run.run_dir / "eval.json", lambda tmp: Path(tmp).write_text(text))
     return {**result, "path": str(run.run_dir / "eval.json")}
 
 

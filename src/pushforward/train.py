@@ -74,7 +74,7 @@ from .distributed import setup as setup_distributed
 from .initialization import data_dependent, initialize_layers
 from .io import atomic_write, save
 from .objectives import Batch, LogDensity, Objective, default_objective, model_dtype
-from .rundir import RunInUseError, RunLock, clear_run
+from .rundir import FILESYSTEM_ERRNOS, RunInUseError, RunLock, RunWriteError, clear_run, write_failure
 
 __all__ = [
     "History",
@@ -224,34 +224,44 @@ def negative_log_likelihood(flow: nn.Module, x: Tensor, batch_size: int, device:
     return torch.cat(out)
 
 
+def _progress(total: int, desc: str):
+    """A progress bar for a pass over data, shown only if the pass lasts over two seconds (``desc`` "": none)."""
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+    return tqdm(total=total, desc=desc, unit="batch", delay=2.0, leave=False, mininterval=0.5,
+                dynamic_ncols=True, disable=not desc)
+
+
 def _figures(model: nn.Module, objective: Objective, data: _Data, batch_size: int, seed: int,
-             device: torch.device, chunks: range | None = None) -> dict[str, Tensor]:
+             device: torch.device, chunks: range | None = None, progress: str = "") -> dict[str, Tensor]:
     """Per-example figures of ``objective.evaluate`` (float64, CPU), in evaluation mode, without gradients.
 
     The data are cut into chunks of ``batch_size``; chunk ``k`` draws its noise from ``(seed, k)``.
-    ``chunks``: which chunks to evaluate (default all).
+    ``chunks``: which chunks to evaluate (default all); ``progress``: the label of a progress bar.
     """
     dtype = model_dtype(model)
     chunks = range(math.ceil(data.n / batch_size)) if chunks is None else chunks
     was_training = model.training
     model.eval()
     out: dict[str, list[Tensor]] = {}
-    with torch.no_grad():
+    with torch.no_grad(), _progress(len(chunks), progress) as bar:
         for k in chunks:
             batch = data.batch(slice(k * batch_size, (k + 1) * batch_size), device, dtype)
             for name, value in objective.evaluate(model, batch, _generator(seed, k)).items():
                 out.setdefault(name, []).append(value.detach().double().cpu())
+            bar.update(1)
     model.train(was_training)
     return {name: torch.cat(values) for name, values in out.items()}
 
 
 def _reconstruction_error(flow: Flow, x: Tensor, context: Tensor | None, batch_size: int,
-                          device: torch.device) -> float:
+                          device: torch.device, progress: str = "") -> float:
     """``max |f^-1(f(x)) - x|`` over ``x``, in evaluation mode."""
     err = 0.0
     flow.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _progress(math.ceil(len(x) / batch_size), progress) as bar:
         for i in range(0, len(x), batch_size):
+            bar.update(1)
             xb = x[i : i + batch_size].to(device)
             c = flow.embed_context(None if context is None else context[i : i + batch_size].to(device))
             z, _ = flow.transform(xb, c)
@@ -261,7 +271,8 @@ def _reconstruction_error(flow: Flow, x: Tensor, context: Tensor | None, batch_s
 
 
 def evaluate(model: nn.Module, data: Any, batch_size: int = 1024, seed: int = 0, device: str = "auto",
-             reconstruction: bool = True, classes: int = 0, objective: Objective | None = None) -> dict[str, Any]:
+             reconstruction: bool = True, classes: int = 0, objective: Objective | None = None,
+             progress: str = "") -> dict[str, Any]:
     """Test figures of ``objective``: the mean loss ``nll`` (nats) with its standard error, and more.
 
     ``objective=None``: :func:`pushforward.objectives.default_objective` of the model and the data
@@ -279,7 +290,8 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 1024, seed: int = 0,
       (``reconstruction=True``), on the data dequantized uniformly with noise seeded by ``seed``.
 
     ``classes > 0``: the one-hot labels are the context, and the figures are the conditional
-    ``-log p(x | label)``.
+    ``-log p(x | label)``. ``progress``: the label of progress bars (on stderr) for every pass that
+    lasts over two seconds.
     """
     from .metrics import mean_and_stderr
 
@@ -302,19 +314,20 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 1024, seed: int = 0,
         return out
 
     out: dict[str, Any] = {"n": d.n, "dims": d.dims, "objective": objective.name}
-    out.update(summary("", _figures(model, objective, d, batch_size, seed_from(seed, 2), dev)))
+    out.update(summary("", _figures(model, objective, d, batch_size, seed_from(seed, 2), dev, progress=progress)))
     if classes:
         out["conditional"] = f"-log p(x | label): one-hot label of {classes} classes as context"
     if objective.levels is not None:
         out["levels"] = objective.levels
     out.update(objective.describe())
     for name, reference in objective.references.items():
-        out.update(summary(f"{name}_", _figures(model, reference, d, batch_size, seed_from(seed, 2), dev)))
+        out.update(summary(f"{name}_", _figures(model, reference, d, batch_size, seed_from(seed, 2), dev,
+                                                progress=progress and f"{progress}: {name}")))
     out["eval_batch_size"] = batch_size  # the noise is seeded per chunk of this size
     if reconstruction and isinstance(model, Flow):
         x = d.get(slice(None), seed_from(seed, 2), model_dtype(model))
         out["max_reconstruction_error"] = _reconstruction_error(model, x, d.context(slice(None), x.dtype), batch_size,
-                                                                dev)
+                                                                dev, progress and f"{progress}: reconstruction")
     out["finite"] = all(math.isfinite(v) for v in out.values() if isinstance(v, float))
     return out
 
@@ -488,8 +501,10 @@ def _lock(run: _Run) -> RunLock | None:
         try:
             run.out.mkdir(parents=True, exist_ok=True)
             lock = RunLock(run.out).acquire()
-        except OSError as e:
+        except RunInUseError as e:
             error = e
+        except OSError as e:
+            error = write_failure(e, run.out, started=False) if e.errno in FILESYSTEM_ERRNOS else e
         else:
             if lock.stale:
                 print(f"note: {run.out} held a stale lock ({lock.stale}); taken over", file=sys.stderr, flush=True)
@@ -793,12 +808,18 @@ def fit(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig | 
         NonFiniteLossError: a NaN/Inf loss or gradient; the message names the step. No checkpoint
             is written for it, so the last good one stays untouched.
         RunInUseError: another process is training into ``run_dir`` (the message names its PID).
+        RunWriteError: ``run_dir`` could not be written (a full disk, a read-only file system); the
+            message names the file and the last intact checkpoint.
     """
     config = config_from_dict(config) if isinstance(config, dict) else config
     run = _prepare(model, train_data, val_data, config, objective, run_dir)
     lock = _lock(run)
     try:
         return _fit(run, resume, overwrite, callback)
+    except OSError as e:  # a full disk, a read-only file system: name the file and what is intact
+        if run.out is None or isinstance(e, RunWriteError) or e.errno not in FILESYSTEM_ERRNOS:
+            raise
+        raise write_failure(e, run.out) from e
     finally:
         if lock is not None:
             lock.release()
