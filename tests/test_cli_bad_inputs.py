@@ -628,3 +628,35 @@ def test_output_files_follow_the_umask(tmp_path, capsys, umask, file_mode, dir_m
             if mode != (dir_mode if (run_dir / name).is_dir() else file_mode)} == {}
     assert {"best.safetensors", "metrics.csv", "config.json", "eval.json", "samples.png", "checkpoint",
             "checkpoint/state.json"} <= set(modes)
+
+
+# -- 11. reports say what was matched, and only that -------------------------------------------------------------
+def test_compare_of_two_finished_runs_claims_no_match(trained, tmp_path, capsys):
+    vae = tmp_path / "vae"
+    assert run(["train", "--data", "moons", "--recipe", "vae", "--no-progress", "--run-dir", vae,
+                "--max-steps", "6", "--set", "n_train=400", "--set", "n_val=100", "--set", "n_test=100",
+                "--set", "model.hidden=[8]", "--set", "batch_size=100"], capsys)[0] == 0
+    before = snapshot(trained)
+    out_dir = tmp_path / "cmp"
+    code, out, err = run(["compare", "--data", "moons", "--flow", trained, "--vae", vae, "--run-dir", out_dir,
+                          "--ks", "1,2", "--eval-n", "50", "--no-progress", "--set", "n_test=100"], capsys)
+    assert code == 0, err
+    report = (out_dir / "report.md").read_text()
+    line = next(x for x in report.splitlines() if "Matched:" in x)
+    assert "Matched: nothing but the test examples" in line and "parameter counts" not in line.split(";")[0]
+    assert "the flow and the VAE were trained elsewhere" in line
+    assert "10 vs 6 training steps" in line
+    assert json.loads((out_dir / "compare.json").read_text())["match_description"] in line
+    assert snapshot(trained) == before
+
+
+def test_compare_that_trains_both_states_the_matched_budget(tmp_path, capsys):
+    out_dir = tmp_path / "both"
+    code, out, err = run(["compare", "--data", "moons", "--run-dir", out_dir, "--max-steps", "4", "--ks", "1",
+                          "--eval-n", "20", "--no-progress", "--set", "n_train=200", "--set", "n_val=50",
+                          "--set", "n_test=50", "--set", "batch_size=50", "--flow-set", "model.layers=2",
+                          "--flow-set", "model.hidden=[8]"], capsys)
+    assert code == 0, err
+    line = next(x for x in (out_dir / "report.md").read_text().splitlines() if "Matched:" in x)
+    assert "parameter counts" in line and "the VAE's width was chosen for the flow's" in line, line
+    assert "training steps (4 each)" in line, line

@@ -116,8 +116,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, moon
             with torch.no_grad():
                 next(flow.parameters()).fill_(float("nan"))
 
-    with pytest.raises(NonFiniteLossError, match="step 31"):
+    with pytest.raises(NonFiniteLossError, match="step 31") as error:
         fit(small_flow(), train, val, small_config(tmp_path), callback=poison)
+    assert f"the last intact checkpoint is {run / 'checkpoint'} (step 20)" in str(error.value)
     state = read_state(run)
     assert state["step"] == 20
     flow = small_flow()
@@ -133,9 +134,11 @@ def test_nan_validation_is_reported_too(tmp_path, moons):
             with torch.no_grad():
                 next(flow.parameters()).fill_(float("inf"))
 
-    with pytest.raises(NonFiniteLossError, match="after step 20"):
+    with pytest.raises(NonFiniteLossError, match="after step 20") as error:
         fit(small_flow(), train, val, small_config(tmp_path), callback=poison)
     assert not (tmp_path / "run" / "checkpoint").exists()
+    # the message promises only what exists (it said "the last good checkpoint ... is untouched")
+    assert "no checkpoint has been written" in str(error.value) and "untouched" not in str(error.value)
 
 
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path, moons):

@@ -154,6 +154,37 @@ def _open(path: str | Path, what: str) -> tuple[Any, TrainConfig, dict]:
     return run.flow, run.config, _metrics_summary(run.run_dir)
 
 
+def _matched(match: str, reused: list[str], width_matched: bool, minutes: float, flow_params: int, vae_params: int,
+             flow_stats: dict, vae_stats: dict) -> str:
+    """What the comparison matched, checked against what happened, and only that: a parameter count the
+    VAE's width was chosen for (and reached within 10%), a training budget both runs got here (and
+    used: the same steps, or both stopped by the clock), or the words saying that nothing was."""
+    matched, unmatched = [], []
+    params = f"{flow_params:,} vs {vae_params:,} parameters"
+    if width_matched and abs(vae_params - flow_params) <= 0.1 * flow_params:
+        matched.append(f"parameter counts ({params}: the VAE's width was chosen for the flow's)")
+    else:
+        unmatched.append(params)
+    fs, vs = flow_stats.get("steps"), vae_stats.get("steps")
+    steps = f"{fs if fs is not None else '?'} vs {vs if vs is not None else '?'} training steps"
+    ft, vt = flow_stats.get("train_seconds"), vae_stats.get("train_seconds")
+    close = ft is not None and vt is not None and abs(ft - vt) <= 0.25 * max(ft, vt, 1e-9)
+    if len(reused) == 2:
+        pass
+    elif match == "time" and not reused and close:
+        matched.append(f"wall-clock time ({minutes:g} min budgeted each, {ft:.0f} s vs {vt:.0f} s used; "
+                       f"default model sizes; {steps})")
+    elif fs is not None and fs == vs:
+        matched.append(f"training steps ({fs} each)")
+    if not any("steps" in m for m in matched):
+        unmatched.append(steps)
+    if not matched:
+        return ("nothing but the test examples and their noise"
+                + (f" (the {' and the '.join(reused)} were trained elsewhere)" if reused else "")
+                + f"; {', '.join(unmatched)}")
+    return "; ".join(matched) + (f"; not matched: {', '.join(unmatched)}" if unmatched else "")
+
+
 # -- evaluation -------------------------------------------------------------------------------------
 def _test_points(dataset: Dataset, config: TrainConfig, n: int) -> Tensor:
     """The first ``n`` test examples; images dequantized with the noise that
@@ -441,13 +472,17 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
 
     # matching
     flow_params = count_parameters(flow) if flow is not None else count_parameters(build_flow(fcfg, dataset))
+    width_matched = False
     if match == "params":
         if vae is None:
             vcfg.model, vae_params = match_vae_width(flow_params, dataset.event_shape, vcfg.model)
+            width_matched = True
             say(f"VAE width matched to the flow's {flow_params:,} parameters: {vcfg.model} ({vae_params:,})")
         steps = max_steps
         if steps <= 0 and flow_stats and flow_stats.get("steps") and vae is None:
             steps = flow_stats["steps"]  # give the VAE the reused flow's budget
+        elif steps <= 0 and vae_stats and vae_stats.get("steps") and flow is None:
+            steps = vae_stats["steps"]  # give the flow the reused VAE's budget
         elif steps <= 0:
             steps = fcfg.max_steps  # 0: the data set's default epochs, the same for both
         for cfg, trained in ((fcfg, flow), (vcfg, vae)):
@@ -456,8 +491,6 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
                     cfg.max_steps = steps
                 if minutes > 0:
                     cfg.max_minutes = minutes
-        description = f"parameter counts; the same training budget ({steps or 'the default'} steps" + (
-            f", at most {minutes:g} min each)" if minutes > 0 else ")")
     else:
         minutes = minutes if minutes > 0 else 1.0
         for cfg, trained in ((fcfg, flow), (vcfg, vae)):
@@ -465,12 +498,12 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
                 cfg.max_steps = budget or calibrate_steps(cfg, 0.9 * minutes)
                 cfg.max_minutes = minutes
                 cfg.patience = 0
-        description = f"wall-clock time ({minutes:g} min of training each, default model sizes)"
     for cfg in (fcfg, vcfg):
         if cfg.max_steps > 0 and cfg.val_every == 0:
             cfg.val_every = max(1, cfg.max_steps // 10)
 
     # training
+    reused = [name for name, model in (("flow", flow), ("VAE", vae)) if model is not None]
     if flow is None:
         say(f"\n== training the flow ({fcfg.recipe}) -> {fcfg.run_dir}")
         flow_stats = _train(fcfg, "flow", overwrite)
@@ -479,6 +512,10 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
         say(f"\n== training the VAE -> {vcfg.run_dir}")
         vae_stats = _train(vcfg, "vae", overwrite)
         vae = _open(vcfg.run_dir, "vae")[0]
+
+    description = _matched(match, reused, width_matched, minutes, count_parameters(flow), count_parameters(vae),
+                           flow_stats or {}, vae_stats or {})
+    say(f"Matched: {description}.")
 
     # scoring
     x = _test_points(dataset, fcfg, eval_n)

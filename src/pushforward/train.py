@@ -74,7 +74,15 @@ from .distributed import setup as setup_distributed
 from .initialization import data_dependent, initialize_layers
 from .io import atomic_write, save
 from .objectives import Batch, LogDensity, Objective, default_objective, model_dtype
-from .rundir import FILESYSTEM_ERRNOS, RunInUseError, RunLock, RunWriteError, clear_run, write_failure
+from .rundir import (
+    FILESYSTEM_ERRNOS,
+    RunInUseError,
+    RunLock,
+    RunWriteError,
+    clear_run,
+    last_checkpoint,
+    write_failure,
+)
 
 __all__ = [
     "History",
@@ -413,7 +421,10 @@ class _Run:
         return self.dist.device
 
     def stopped_without_saving(self) -> str:
-        return "; stopped without saving" + (f" (the last good checkpoint in {self.out} is untouched)" if self.out else "")
+        """What a stop for a non-finite figure left: only a checkpoint that exists is promised."""
+        if self.out is None:
+            return "; stopped (nothing is written when training in memory)"
+        return f"; stopped without saving: {last_checkpoint(self.out)}"
 
     def bpd(self, nats: float) -> float | None:
         return self.objective.bits_per_dim(nats, self.train.dims)
@@ -636,9 +647,8 @@ def _optimizer_step(run: _Run, state: _State, loss_step: LossStep, batch: Batch,
     epoch = state.step // run.steps_per_epoch
     if not math.isfinite(batch_loss):
         raise NonFiniteLossError(
-            f"non-finite training loss ({batch_loss / run.train.dims}) at step {state.step + 1} (epoch {epoch}); "
-            "stopped without saving" + (f", the last good checkpoint in {run.out} is untouched" if run.out else "")
-            + "; try a lower lr or a smaller clip"
+            f"non-finite training loss ({batch_loss / run.train.dims}) at step {state.step + 1} (epoch {epoch})"
+            f"{run.stopped_without_saving()}; try a lower lr or a smaller clip"
         )
     run.optimizer.zero_grad(set_to_none=True)
     (losses.mean() / run.train.dims).backward()
@@ -648,8 +658,7 @@ def _optimizer_step(run: _Run, state: _State, loss_step: LossStep, batch: Batch,
         gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.params if p.grad is not None]))
     if not bool(torch.isfinite(gnorm)):
         raise NonFiniteLossError(
-            f"non-finite gradient norm at step {state.step + 1} (epoch {epoch}); stopped without saving"
-            + (f", the last good checkpoint in {run.out} is untouched" if run.out else "")
+            f"non-finite gradient norm at step {state.step + 1} (epoch {epoch}){run.stopped_without_saving()}"
         )
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(state.step, run.config, run.total)
