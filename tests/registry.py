@@ -151,12 +151,14 @@ CASES: dict[str, Case] = {
     "additive_half": Case(lambda: Coupling(HalfMask(V), AdditiveKernel(), mlp), (V,)),
     "affine_half_flip": Case(lambda: Coupling(HalfMask(V, flip=True), AffineKernel(), mlp), (V,)),
     "affine_alternating": Case(lambda: Coupling(AlternatingMask(V), AffineKernel(), mlp), (V,)),
-    "affine_alternating_flip": Case(lambda: Coupling(AlternatingMask(V, flip=True), AffineKernel(), mlp), (V,)),
+    "affine_alternating_flip": Case(lambda: Coupling(AlternatingMask(V, flip=True), AffineKernel(), mlp),
+                                    (V,)),
     "affine_context": Case(lambda: Coupling(HalfMask(V), AffineKernel(), mlp1, 3), (V,), context=3),
     "additive_context": Case(lambda: Coupling(AlternatingMask(V), AdditiveKernel(), mlp1, 3), (V,),
                              context=3),
     "inverse_coupling": Case(lambda: Inverse(Coupling(HalfMask(V), AffineKernel(), mlp)), (V,)),
-    "compose": Case(lambda: Compose(ActNorm(V), LULinear(V), Coupling(HalfMask(V), AffineKernel(), mlp), Tanh()), (V,)),
+    "compose": Case(lambda: Compose(ActNorm(V), LULinear(V), Coupling(HalfMask(V), AffineKernel(), mlp),
+                                    Tanh()), (V,)),
     "spline_half": Case(lambda: Coupling(HalfMask(V), SplineKernel(bins=4, tail_bound=2.0), mlp), (V,)),
     "spline_alternating_context": Case(
         lambda: Coupling(AlternatingMask(V), SplineKernel(bins=5, tail_bound=1.5), mlp1, 3), (V,), context=3
@@ -195,7 +197,9 @@ CASES: dict[str, Case] = {
     "img_additive_channel": Case(lambda: Coupling(ChannelMask(2), AdditiveKernel(), conv), IMG),
     "img_affine_channel": Case(lambda: Coupling(ChannelMask(2, flip=True), AffineKernel(), conv), IMG),
     "img_affine_checkerboard": Case(lambda: Coupling(CheckerboardMask(2, 4, 4), AffineKernel(), resnet), IMG),
-    "img_checkerboard_flip": Case(lambda: Coupling(CheckerboardMask(2, 4, 4, flip=True), AffineKernel(), conv), IMG),
+    "img_checkerboard_flip": Case(
+        lambda: Coupling(CheckerboardMask(2, 4, 4, flip=True), AffineKernel(), conv), IMG
+    ),
     "img_affine_context": Case(lambda: Coupling(ChannelMask(2), AffineKernel(), conv, 3), IMG, context=3),
     "img_checkerboard_context": Case(lambda: Coupling(CheckerboardMask(2, 4, 4), AffineKernel(), resnet, 3),
                                      IMG, context=3),
@@ -217,14 +221,14 @@ CASES: dict[str, Case] = {
         lambda: models.nsf(V, layers=2, hidden=(16,), bins=4, tail_bound=2.0, autoregressive=True).transform,
         (V,),
     ),
-    "maf_recipe_context": Case(lambda: models.maf(V, layers=2, hidden=(16,), context_features=3).transform, (V,),
-                               context=3),
+    "maf_recipe_context": Case(lambda: models.maf(V, layers=2, hidden=(16,), context_features=3).transform,
+                               (V,), context=3),
     "nsf_autoregressive_context": Case(
         lambda: models.nsf(V, layers=2, hidden=(16,), bins=4, tail_bound=2.0, autoregressive=True,
                            context_features=3).transform, (V,), context=3
     ),
-    "realnvp_context": Case(lambda: models.realnvp(V, layers=3, hidden=(16,), context_features=3).transform, (V,),
-                            context=3),
+    "realnvp_context": Case(lambda: models.realnvp(V, layers=3, hidden=(16,), context_features=3).transform,
+                            (V,), context=3),
     "realnvp_image": Case(
         lambda: models.realnvp_image((1, 4, 4), levels=2, hidden_channels=8, blocks=1).transform, (1, 4, 4),
         unit_interval=True,

@@ -23,7 +23,8 @@ def test_made_is_autoregressive_in_its_jacobian(context_features):
             w.add_(torch.randn_like(w))
     x = torch.randn(d, dtype=torch.float64)
     c = torch.randn(context_features, dtype=torch.float64) if context_features else None
-    jac = torch.autograd.functional.jacobian(lambda v: made(v, c), x).reshape(p, d, d)  # (param, output, input)
+    # jac has shape (param, output, input)
+    jac = torch.autograd.functional.jacobian(lambda v: made(v, c), x).reshape(p, d, d)
     strictly_lower = torch.ones(d, d).tril(-1).bool()
     assert (jac[:, ~strictly_lower] == 0).all(), "an output depends on itself or a later input"
     assert (jac[:, strictly_lower] != 0).all(), "MADE lost a connection it should have"
@@ -83,8 +84,8 @@ def _random_spline_params(n, d, kernel, scale=3.0, seed=0):
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 def test_spline_never_nan_for_extreme_inputs(direction):
     k = SplineKernel(bins=8, tail_bound=3.0)
-    values = torch.tensor([-1e30, -1e8, -3.0, -3.0 + 1e-12, -1e-300, 0.0, 2.999999, 3.0, 3.0 + 1e-9, 1e8, 1e30],
-                          dtype=torch.float64)
+    values = torch.tensor([-1e30, -1e8, -3.0, -3.0 + 1e-12, -1e-300, 0.0, 2.999999, 3.0, 3.0 + 1e-9, 1e8,
+                           1e30], dtype=torch.float64)
     x = values.repeat(4, 1).requires_grad_(True)
     params = _random_spline_params(4, values.numel(), k, scale=10.0).requires_grad_(True)
     y, logd = getattr(k, direction)(x, params, -1)

@@ -30,8 +30,8 @@ def _layer_by_layer(flow, x):
     """log p(x) computed here, by hand, from the layers the flow holds now."""
     ladj = torch.zeros(x.shape[0], dtype=x.dtype)
     for t in flow.transform.transforms:
-        x, l = t(x)
-        ladj = ladj + l
+        x, layer_ladj = t(x)
+        ladj = ladj + layer_ladj
     return flow.base.log_prob(x) + ladj
 
 
@@ -55,7 +55,8 @@ def test_replacing_a_layer_with_the_other_orientation_is_used():
 
 def test_appended_layers_are_run():
     flow = _perturbed(models.realnvp(4, layers=2, hidden=(16,)))
-    flow.transform.transforms.append(_perturbed(Flow(Compose(_coupling(True)), flow.base)).transform.transforms[0])
+    new = _perturbed(Flow(Compose(_coupling(True)), flow.base)).transform.transforms[0]
+    flow.transform.transforms.append(new)
     x = torch.randn(5, 4, dtype=torch.float64)
     torch.testing.assert_close(flow.log_prob(x), _layer_by_layer(flow, x), rtol=0, atol=1e-12)
 

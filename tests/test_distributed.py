@@ -75,16 +75,17 @@ def variational_flow():
 
 
 def config(run_dir, **kw):
-    values = {"data": "moons", "batch_size": 32, "lr": 5e-3, "warmup_steps": 2, "max_steps": 6, "val_every": 3,
-              "patience": 0, "progress": False, "seed": 3, "clip": 5.0, "threads": 1, "restore_best": False,
-              "run_dir": str(run_dir)}
+    values = {"data": "moons", "batch_size": 32, "lr": 5e-3, "warmup_steps": 2, "max_steps": 6,
+              "val_every": 3, "patience": 0, "progress": False, "seed": 3, "clip": 5.0, "threads": 1,
+              "restore_best": False, "run_dir": str(run_dir)}
     values.update(kw)
     return config_from_dict(values)
 
 
 #: name -> (flow, data, config overrides): trained with 2 processes by the workers and with one by the tests.
 RUNS = {
-    "glow_one_step": (glow_flow, images, {"data": "digits", "batch_size": 16, "max_steps": 1, "val_every": 1}),
+    "glow_one_step": (glow_flow, images,
+                      {"data": "digits", "batch_size": 16, "max_steps": 1, "val_every": 1}),
     "moons_six_steps": (moons_flow, moons, {}),
     "moons_reference": (moons_flow, moons, {"max_steps": 12, "val_every": 4}),  # resumed runs must match it
 }
@@ -98,7 +99,8 @@ def _stop_at(step_to_stop: int, only_rank: int | None, step, loss, flow):
 
 def _worker(rank: int, world: int, port: int, out: str, scenarios: list[str]) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)
     out = Path(out)
     try:
         for scenario in scenarios:
@@ -119,11 +121,13 @@ def _scenario(scenario: str, rank: int, out: Path) -> None:
                 callback=functools.partial(_stop_at, 5, 1))
         summary["interrupted"] = [h.stop_reason, h.step]
         # a one-process checkpoint (written by the test before spawning) resumed with two processes
-        h = fit(moons_flow(), *moons(), config(out / "resumed_by_ddp", max_steps=12, val_every=4), resume=True)
+        h = fit(moons_flow(), *moons(), config(out / "resumed_by_ddp", max_steps=12, val_every=4),
+                resume=True)
         summary["resumed_by_ddp"] = [h.stop_reason, h.step]
         # variational dequantization: per-rank noise, but q(u|x)'s gradients are averaged like the flow's
         flow = variational_flow()
-        fit(flow, *images(), config("", data="digits", batch_size=16, max_steps=3, dequantization="variational"))
+        fit(flow, *images(),
+            config("", data="digits", batch_size=16, max_steps=3, dequantization="variational"))
         torch.save(flow.state_dict(), out / f"variational{rank}.pt")
         try:  # the global batch must split evenly
             fit(moons_flow(), *moons(), config("", batch_size=15))
@@ -161,7 +165,8 @@ def checkpoint_tensors(run) -> tuple[dict, dict]:
 
     ckpt = checkpoint_dir(run)
     state = load_file(str(ckpt / STATE_FILE))
-    return load(ckpt / "model.safetensors").state_dict(), {k: v for k, v in state.items() if k.startswith("optim.")}
+    optim = {k: v for k, v in state.items() if k.startswith("optim.")}
+    return load(ckpt / "model.safetensors").state_dict(), optim
 
 
 # -- the 2-process runs ---------------------------------------------------------------------------------
@@ -192,7 +197,8 @@ def test_actnorm_init_is_identical_across_ranks_and_equals_the_concatenated_batc
             assert torch.equal(ranks[0][f"{key}.{name}"], ranks[1][f"{key}.{name}"]), (key, name)
         whole = ActNorm(3) if key == "vector" else ActNorm(2, event_dim=3)
         whole(torch.cat([r[key + ".x"] for r in ranks]))  # one process, the concatenated batch
-        torch.testing.assert_close(ranks[0][key + ".log_scale"], whole.log_scale.detach(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ranks[0][key + ".log_scale"], whole.log_scale.detach(),
+                                   atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ranks[0][key + ".shift"], whole.shift.detach(), atol=1e-6, rtol=1e-5)
 
 
@@ -234,7 +240,8 @@ def test_one_ddp_step_equals_one_process_on_the_same_global_batch(ddp_runs):
         assert torch.equal(weights_ddp[n], weights_one[n]), n
     rows_ddp, rows_one = read_state(run / "ddp")["history"], read_state(run / "single")["history"]
     assert rows_ddp[0]["train_nll"] == pytest.approx(rows_one[0]["train_nll"], rel=1e-6)  # before the update
-    # the same validation noise on any number of processes (other noise moves it by ~0.2; the update by ~0.003)
+    # the same validation noise on any number of processes
+    # (other noise moves it by ~0.2; the update by ~0.003)
     assert rows_ddp[0]["val_nll"] == pytest.approx(rows_one[0]["val_nll"], abs=0.02)
 
 
@@ -407,7 +414,8 @@ class _ShiftCoupling(Transform):
 
     def __init__(self, declare: bool = True):
         super().__init__()
-        self.shift_network = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.shift_network = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(),
+                                                 torch.nn.Linear(8, 1))
         self.declare = declare
 
     def forward(self, x, context=None):
@@ -471,7 +479,8 @@ def test_checkpointing_finds_the_layers_of_any_model():
     inner = models.realnvp_image((1, 8, 8), levels=2, hidden_channels=4, blocks=1)
     flow = models.dequantized(inner.recipe, quantization_levels=17, layers=2, hidden_channels=4)
     targets = list(checkpoint_targets(flow))
-    assert targets[: len(list(checkpoint_targets(flow.transform)))] == list(checkpoint_targets(flow.transform))
+    transform_targets = list(checkpoint_targets(flow.transform))
+    assert targets[: len(transform_targets)] == transform_targets
     assert set(map(id, flow.dequantizer.transform.transforms)) <= set(map(id, targets))  # q(u | x) too
     from pushforward.vae import vae
 
@@ -509,7 +518,8 @@ def test_amp_and_checkpointing_through_fit(tmp_path):
     fit(glow_flow(), *data, config(tmp_path / "ckpt", checkpoint_grads=True, **kw))
     assert_same_weights(checkpoint_tensors(tmp_path / "ckpt")[0], checkpoint_tensors(tmp_path / "plain")[0])
     h = fit(glow_flow(), *data, config(tmp_path / "amp", amp=True, **kw))
-    assert h.step == 3 and abs(h.rows[-1]["val_nll"] - read_state(tmp_path / "plain")["history"][-1]["val_nll"]) < 0.5
+    plain_val_nll = read_state(tmp_path / "plain")["history"][-1]["val_nll"]
+    assert h.step == 3 and abs(h.rows[-1]["val_nll"] - plain_val_nll) < 0.5
 
 
 # -- devices and dtypes ---------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def test_non_finite_input(bad):
 
 
 def test_logit_outside_unit_interval():
-    with pytest.raises(ValueError, match=r"Logit.forward expects values in \[0.0, 1.0\], got 1 outside.*max 1.5"):
+    with pytest.raises(ValueError,
+                       match=r"Logit.forward expects values in \[0.0, 1.0\], got 1 outside.*max 1.5"):
         Logit(0.05)(torch.tensor([[0.2, 1.5, 0.3]]))
     img = models.glow((1, 8, 8), levels=1, steps=1, hidden_channels=4)
     x = torch.rand(2, 1, 8, 8)
@@ -87,7 +88,8 @@ def test_masks_that_cannot_split():
 
 def test_mask_size_mismatch():
     t = Coupling(ChannelMask(4), AffineKernel(), functools.partial(ConvNet, hidden_channels=4))
-    with pytest.raises(ValueError, match=r"splits 4 features on dim -3, got a tensor of shape \(2, 3, 4, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"splits 4 features on dim -3, got a tensor of shape \(2, 3, 4, 4\)"):
         t(torch.randn(2, 3, 4, 4))
 
 
@@ -108,7 +110,8 @@ def test_bad_constructor_arguments():
 
 def test_missing_context():
     flow = models.realnvp(2, layers=1, hidden=(8,), context_features=3)
-    with pytest.raises(ValueError, match=r"conditional and needs a context of shape \(\*batch, 3\); got none"):
+    with pytest.raises(ValueError,
+                       match=r"conditional and needs a context of shape \(\*batch, 3\); got none"):
         flow.log_prob(torch.randn(4, 2))
     with pytest.raises(ValueError, match=r"sample: this flow is conditional"):
         flow.sample(4)
@@ -145,8 +148,8 @@ def test_context_of_the_wrong_width_or_batch_is_an_error(name):
     x = _x(flow)
     with pytest.raises(ValueError, match=r"context must have shape \(\*batch, 3\), got \(5, 7\)"):
         flow.log_prob(x, context=torch.randn(5, 7))
-    with pytest.raises(ValueError, match=r"context's batch shape \(4,\) does not broadcast against the input's "
-                                         r"batch shape \(5,\)"):
+    with pytest.raises(ValueError, match=r"context's batch shape \(4,\) does not broadcast against the "
+                                         r"input's batch shape \(5,\)"):
         flow.log_prob(x, context=torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"context must have shape \(\*batch, 3\), got \(2,\)"):
         flow.sample(2, context=torch.randn(2))
@@ -161,7 +164,8 @@ def test_non_finite_context_is_an_error(name):
     flow = CONDITIONAL[name](3)
     c = torch.randn(5, 3)
     c[2, 1] = float("nan")
-    with pytest.raises(ValueError, match=r"log_prob got 1 non-finite value\(s\) \(NaN or Inf\) in its context"):
+    with pytest.raises(ValueError,
+                       match=r"log_prob got 1 non-finite value\(s\) \(NaN or Inf\) in its context"):
         flow.log_prob(_x(flow), context=c)
     c[2, 1] = float("inf")
     with pytest.raises(ValueError, match="non-finite value.* in its context"):

@@ -145,8 +145,10 @@ _CONDITIONAL_RECIPES = {
     "maf_3d": lambda: models.maf(3, layers=2, hidden=(16,), context_features=2),
     "maf_3d_one_layer": lambda: models.maf(3, layers=1, hidden=(16,), context_features=2),
     "iaf_1d": lambda: models.iaf(1, layers=2, hidden=(16,), context_features=2),
-    "nsf_autoregressive_1d": lambda: models.nsf(1, layers=2, hidden=(16,), autoregressive=True, context_features=2),
-    "nsf_autoregressive_3d": lambda: models.nsf(3, layers=2, hidden=(16,), autoregressive=True, context_features=2),
+    "nsf_autoregressive_1d": lambda: models.nsf(1, layers=2, hidden=(16,), autoregressive=True,
+                                                context_features=2),
+    "nsf_autoregressive_3d": lambda: models.nsf(3, layers=2, hidden=(16,), autoregressive=True,
+                                                context_features=2),
     "nice": lambda: models.nice(3, layers=2, hidden=(16,), context_features=2),
     "realnvp": lambda: models.realnvp(3, layers=2, hidden=(16,), context_features=2),
     "nsf_coupling": lambda: models.nsf(3, layers=2, hidden=(16,), context_features=2),
@@ -280,7 +282,8 @@ def test_glow_split_prior_is_a_coupling_on_the_factored_half():
 
 def _cancelling_realnvp(shift: float) -> Flow:
     """A 2-D RealNVP whose first layer shifts x_1 by ``shift * x_0``: its inverse returns x_1 of order
-    ``shift`` that float32 rounds by ~``shift * 2**-24``, which the forward pass adds back to a latent of order 1."""
+    ``shift`` that float32 rounds by ~``shift * 2**-24``, which the forward pass adds back to a latent of
+    order 1."""
     flow = models.realnvp(2, layers=2, hidden=(2,))
     net = flow.transform[0].net  # conditions on x_0, outputs (raw log-scale, shift) for x_1
     with torch.no_grad():

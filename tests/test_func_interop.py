@@ -104,7 +104,8 @@ def test_a_plain_view_follows_in_place_updates_and_refuses_a_converted_flow():
 
 def test_jit_script_says_what_to_use_instead():
     flow = models.realnvp(2, layers=2, hidden=(8,))
-    with pytest.raises(TypeError, match="cannot be compiled by TorchScript.*torch.compile.*torch.export.export"):
+    with pytest.raises(TypeError,
+                       match="cannot be compiled by TorchScript.*torch.compile.*torch.export.export"):
         torch.jit.script(flow)
     with pytest.raises(TypeError, match="cannot be compiled by TorchScript"):
         torch.jit.script(flow.transform)
@@ -139,9 +140,9 @@ def test_view_support_and_what_has_no_closed_form():
     d = flow()
     assert d.support.event_dim == 3 and bool(d.support.check(torch.randn(2, 1, 4, 4)).all())
     with pytest.raises(NotImplementedError, match=r"no closed-form mean; estimate it from samples"):
-        d.mean
+        _ = d.mean
     with pytest.raises(NotImplementedError, match=r"no closed-form variance"):
-        d.variance
+        _ = d.variance
     with pytest.raises(NotImplementedError, match=r"no closed-form entropy; estimate it by Monte Carlo"):
         d.entropy()
     with pytest.raises(ValueError, match="no layer that reads a context"):

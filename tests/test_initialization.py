@@ -83,7 +83,8 @@ def test_one_sample_and_constant_channels_give_finite_centred_parameters():
     assert torch.equal(layer.log_scale.detach(), torch.zeros(3))  # scale 1 ...
     assert torch.equal(z, torch.zeros(1, 3)) and bool(torch.isfinite(ladj).all())  # ... centred
     layer = ActNorm(2)
-    x = torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(0)) * 3 + 1, torch.full((64,), 0.3)], 1)
+    x = torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(0)) * 3 + 1,
+                     torch.full((64,), 0.3)], 1)
     with pytest.warns(UserWarning, match="1 of 2 features"):
         z, _ = layer(x)
     assert layer.log_scale[1] == 0 and torch.allclose(z[:, 1], torch.zeros(64), atol=1e-6)
@@ -103,7 +104,8 @@ def test_non_finite_batch_is_a_clear_error_and_leaves_the_layer_unchanged():
     with pytest.raises(ValueError, match="not finite"):
         layer(torch.tensor([[1.0, float("nan")], [2.0, 0.5]]))
     assert not layer._initialized and not bool(layer.initialized)
-    assert torch.equal(layer.log_scale.detach(), torch.zeros(2)) and torch.equal(layer.shift.detach(), torch.zeros(2))
+    assert torch.equal(layer.log_scale.detach(), torch.zeros(2))
+    assert torch.equal(layer.shift.detach(), torch.zeros(2))
     with pytest.raises(ValueError, match="not finite"):
         layer(torch.tensor([[3e38, 1.0], [-3e38, 2.0]]))  # finite, but the squares overflow float32
     assert not bool(layer.initialized)
@@ -182,8 +184,9 @@ def test_fit_initialises_from_training_not_validation_data(tmp_path):
     val = torch.randn(64, 1, 8, 8, generator=gen) * 0.5 - 5
     g = glow(alpha=None)
     negative_log_likelihood(g, val, 32, torch.device("cpu"))  # the validation "sanity check"
-    config = config_from_dict({"data": "moons", "batch_size": 64, "lr": 1e-9, "warmup_steps": 1, "max_steps": 1,
-                               "val_every": 1, "patience": 0, "progress": False, "seed": 0, "restore_best": False})
+    config = config_from_dict({"data": "moons", "batch_size": 64, "lr": 1e-9, "warmup_steps": 1,
+                               "max_steps": 1, "val_every": 1, "patience": 0, "progress": False, "seed": 0,
+                               "restore_best": False})
     fit(g, train, val, config, run_dir=None)
     first = actnorms(g)[0]  # after the squeeze: 4 channels, each ~ N(3, 2^2) on training data
     torch.testing.assert_close(first.shift.detach().flatten(), torch.full((4,), -1.5), atol=0.3, rtol=0)
@@ -205,8 +208,9 @@ def test_fit_keeps_an_explicit_initialisation(tmp_path):
     chosen = torch.randn(16, 1, 8, 8, generator=gen) * 4 + 1
     pf.initialize(g, chosen)
     expected = [(m.log_scale.detach().clone(), m.shift.detach().clone()) for m in actnorms(g)]
-    config = config_from_dict({"data": "moons", "batch_size": 64, "lr": 1e-9, "warmup_steps": 1, "max_steps": 1,
-                               "val_every": 1, "patience": 0, "progress": False, "seed": 0, "restore_best": False})
+    config = config_from_dict({"data": "moons", "batch_size": 64, "lr": 1e-9, "warmup_steps": 1,
+                               "max_steps": 1, "val_every": 1, "patience": 0, "progress": False, "seed": 0,
+                               "restore_best": False})
     fit(g, train, val, config, run_dir=None)
     for m, (log_scale, shift) in zip(actnorms(g), expected):
         torch.testing.assert_close(m.log_scale.detach(), log_scale, atol=1e-6, rtol=0)

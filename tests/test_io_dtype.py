@@ -23,6 +23,8 @@ BUILDERS = {
     "dequantized": lambda: models.dequantized({"recipe": "glow", "kwargs": _GLOW}, quantization_levels=16,
                                               layers=1, hidden_channels=4),
     "vae": lambda: models.RECIPES["vae"]((4,), latent=2, hidden=(8,)),
+    "gaussian": lambda: models.gaussian(3),
+    "tabular": lambda: models.tabular(3, layers=2, hidden=(8,), bins=4, context_features=3),
 }
 DTYPES = [torch.float32, torch.float64]
 
@@ -132,8 +134,8 @@ def test_resumed_float64_run_restores_unrounded_best_weights(tmp_path):
     from pushforward.train import fit
 
     train, val = toy_sample("moons", 256, seed=0).double(), toy_sample("moons", 128, seed=1).double()
-    config = config_from_dict({"data": "moons", "batch_size": 64, "lr": 1e-3, "warmup_steps": 1, "max_steps": 4,
-                               "val_every": 2, "patience": 0, "progress": False, "seed": 3,
+    config = config_from_dict({"data": "moons", "batch_size": 64, "lr": 1e-3, "warmup_steps": 1,
+                               "max_steps": 4, "val_every": 2, "patience": 0, "progress": False, "seed": 3,
                                "run_dir": str(tmp_path / "run")})
 
     def flow():

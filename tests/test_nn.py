@@ -28,7 +28,9 @@ def test_conv_conditioners_run_channels_last_with_the_same_values(make):
         nn.init.normal_(p, std=0.3)
     seen = []
     first = net.conv1 if isinstance(net, ConvNet) else net.stem
-    first.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    first.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     x = torch.randn(5, 4, 6, 6, dtype=torch.float64)[:, :2]  # a channel split: a non-contiguous view
     out = net(x)
     assert seen == [True]

@@ -1,4 +1,5 @@
-"""Objectives: each value equals a hand computation on a tiny model; fit trains whatever an objective can score."""
+"""Objectives: each value equals a hand computation on a tiny model; fit trains whatever an objective can
+score."""
 
 from __future__ import annotations
 
@@ -54,13 +55,14 @@ def gen(seed: int = 7) -> torch.Generator:
 
 
 def config(**kw):
-    values = {"data": "moons", "batch_size": 20, "lr": 1e-2, "warmup_steps": 1, "max_steps": 6, "val_every": 3,
-              "patience": 0, "progress": False, "seed": 0, "clip": 5.0, "run_dir": "", "restore_best": False}
+    values = {"data": "moons", "batch_size": 20, "lr": 1e-2, "warmup_steps": 1, "max_steps": 6,
+              "val_every": 3, "patience": 0, "progress": False, "seed": 0, "clip": 5.0, "run_dir": "",
+              "restore_best": False}
     values.update(kw)
     return config_from_dict(values)
 
 
-# -- each objective by hand -----------------------------------------------------------------------------------
+# -- each objective by hand -----------------------------------------------------------------------------
 def test_nll_is_the_exact_negative_log_density():
     model = Gaussian(2, loc=0.5, scale=2.0)
     x = torch.randn(5, 2)
@@ -81,16 +83,19 @@ def test_uniform_dequantization_and_its_bits_per_dim_by_hand():
     loss = objective.loss(model, Batch(x), gen()).detach()
     torch.testing.assert_close(loss, nll)
     d, mean = 16, float(loss.double().mean())
-    assert objective.bits_per_dim(mean, d) == pytest.approx((mean + d * math.log(levels)) / (d * math.log(2)), rel=1e-12)
-    assert objective.is_bound and objective.levels == levels and objective.describe() == {"dequantization": "uniform"}
+    assert objective.bits_per_dim(mean, d) == pytest.approx((mean + d * math.log(levels)) / (d * math.log(2)),
+                                                            rel=1e-12)
+    assert (objective.is_bound and objective.levels == levels
+            and objective.describe() == {"dequantization": "uniform"})
 
 
 def test_noise_of_a_shard_is_the_shard_of_the_global_noise():
-    """Under torchrun each process holds rows of the global batch; its losses are those rows of the one-process losses."""
+    """Under torchrun each process holds rows of the global batch; its losses are those rows of the
+    one-process losses."""
     model, x = Gaussian(16, loc=0.5, scale=0.3), images(8).images
     whole = UniformDequantization(17).loss(model, Batch(x), gen())
-    parts = [UniformDequantization(17).loss(model, Batch(x[s], part=s, total=8), gen()) for s in (slice(0, 4),
-                                                                                                    slice(4, 8))]
+    parts = [UniformDequantization(17).loss(model, Batch(x[s], part=s, total=8), gen())
+             for s in (slice(0, 4), slice(4, 8))]
     torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
 
 
@@ -126,7 +131,8 @@ def test_elbo_and_iwae_are_the_vae_bounds_with_seeded_noise(k):
     figures = objective.evaluate(model, Batch(x), gen())
     if k == 1:
         torch.testing.assert_close(figures["loss"], -(figures["recon"] - figures["kl"]))
-    assert objective.is_bound and objective.describe()["bound"] == ("negative ELBO" if k == 1 else "negative IWAE (k=5)")
+    assert objective.is_bound and objective.describe()["bound"] == ("negative ELBO" if k == 1
+                                                                    else "negative IWAE (k=5)")
     with pytest.raises(TypeError, match="elbo"):
         objective.check(Gaussian(3))
 
@@ -145,7 +151,7 @@ def test_dequantization_wraps_any_continuous_objective():
     assert objective.describe() == {"dequantization": "uniform", "bound": "negative ELBO"}
 
 
-# -- the one place that chooses ---------------------------------------------------------------------------------
+# -- the one place that chooses -------------------------------------------------------------------------
 def test_default_objective_is_chosen_from_the_model_and_the_data():
     flow, vectors, pictures = models.realnvp(2, layers=1, hidden=(4,)), torch.randn(4, 2), images(4)
     assert repr(default_objective(flow, vectors)) == "NLL()"
@@ -167,7 +173,7 @@ def test_default_objective_is_chosen_from_the_model_and_the_data():
         default_objective(flow, pictures, "gaussian")
 
 
-# -- fit takes the objective as an argument -------------------------------------------------------------------
+# -- fit takes the objective as an argument -------------------------------------------------------------
 def test_fit_with_an_explicit_objective_equals_the_default():
     def glow():
         torch.manual_seed(0)
@@ -186,8 +192,8 @@ def test_fit_trains_a_module_it_has_never_seen_with_a_log_prob():
     g = torch.Generator().manual_seed(0)
     data = torch.randn(400, 2, generator=g) * torch.tensor([0.5, 2.0]) + torch.tensor([3.0, -1.0])
     model = Gaussian(2)
-    history = fit(model, data[:300], data[300:], config(batch_size=100, max_steps=300, val_every=100, lr=5e-2),
-                  objective=NLL())
+    history = fit(model, data[:300], data[300:],
+                  config(batch_size=100, max_steps=300, val_every=100, lr=5e-2), objective=NLL())
     assert history.stop_reason == "completed"
     torch.testing.assert_close(model.loc.detach(), data[:300].mean(0), atol=0.05, rtol=0)
     torch.testing.assert_close(model.log_scale.detach().exp(), data[:300].std(0), atol=0.05, rtol=0)
@@ -196,7 +202,8 @@ def test_fit_trains_a_module_it_has_never_seen_with_a_log_prob():
 
 
 class Regression(Objective):
-    """A loss that is no log-density: squared error of ``model(x[:, :1])`` against ``x[:, 1:]``; uses noise too."""
+    """A loss that is no log-density: squared error of ``model(x[:, :1])`` against ``x[:, 1:]``; uses noise
+    too."""
 
     name, unit = "mse", "squared units"
 
@@ -213,8 +220,10 @@ def test_fit_minimises_a_toy_loss_of_a_plain_network():
     net = nn.Linear(1, 1)
     history = fit(net, data[:200], data[200:], config(batch_size=50, max_steps=400, val_every=100, lr=5e-2),
                   objective=Regression())
-    assert history.rows[0]["val_nll"] > 10 * history.rows[-1]["val_nll"] and history.rows[-1]["val_nll"] < 2e-3
-    assert float(net.weight) == pytest.approx(2.0, abs=0.1) and float(net.bias) == pytest.approx(1.0, abs=0.05)
+    assert (history.rows[0]["val_nll"] > 10 * history.rows[-1]["val_nll"]
+            and history.rows[-1]["val_nll"] < 2e-3)
+    assert (float(net.weight) == pytest.approx(2.0, abs=0.1)
+            and float(net.bias) == pytest.approx(1.0, abs=0.05))
 
 
 def _code(fn) -> str:
@@ -222,18 +231,21 @@ def _code(fn) -> str:
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)):
             node.body = body[1:] or [ast.Pass()]
     return ast.unparse(tree)
 
 
 def test_the_loop_knows_no_model_family():
-    """No branch of the loop (or of evaluate) asks what the model is; the objective does the model-specific work."""
+    """No branch of the loop (or of evaluate) asks what the model is; the objective does the model-specific
+    work."""
     from pushforward import train
 
-    loop = [train.fit, train._fit, train._prepare, train._load_state, train._start, train._Order, train._initialise,
-            train._optimizer_step,
-            train._validation_figures, train._validate, train._loop, train._show, train._checkpoint, train.evaluate]
+    loop = [train.fit, train._fit, train._prepare, train._load_state, train._start, train._Order,
+            train._initialise, train._optimizer_step,
+            train._validation_figures, train._validate, train._loop, train._show, train._checkpoint,
+            train.evaluate]
     for fn in loop:
         source = _code(fn)
         for word in ("hasattr(", "dequantizer", "elbo", "VAE", "vae", "variational", "ImageData", "images"):
@@ -253,4 +265,5 @@ def test_resuming_with_another_objective_is_refused(tmp_path):
     cfg = config(run_dir=str(tmp_path / "run"), max_steps=3)
     fit(flow(), data, data, cfg)
     with pytest.raises(ValueError, match=r"trained with NLL\(\), this run uses Scaled\(\)"):
-        fit(flow(), data, data, config(run_dir=str(tmp_path / "run"), max_steps=6), objective=Scaled(), resume=True)
+        fit(flow(), data, data, config(run_dir=str(tmp_path / "run"), max_steps=6), objective=Scaled(),
+            resume=True)

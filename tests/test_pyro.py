@@ -69,7 +69,8 @@ def test_svi_guide_recovers_the_posterior_of_bayesian_linear_regression():
         pyro.module("posterior", flow)
         pyro.sample("w", flow())
 
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.995}), Trace_ELBO(num_particles=16, vectorize_particles=True))
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.995}),
+              Trace_ELBO(num_particles=16, vectorize_particles=True))
     for _ in range(600):
         svi.step()
     with torch.no_grad():  # KL(q || posterior) = E_q[log q - log p]: 0 when the posterior is recovered

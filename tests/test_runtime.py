@@ -30,8 +30,8 @@ print(applied, sum(faults[3:]))
 
 
 def _faults(tuned: bool) -> tuple[bool, int]:
-    out = subprocess.run([sys.executable, "-c", _STEPS, "1" if tuned else "0"], capture_output=True, text=True,
-                         check=True, env={**os.environ, "PUSHFORWARD_TUNE_MALLOC": "1"})
+    out = subprocess.run([sys.executable, "-c", _STEPS, "1" if tuned else "0"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PUSHFORWARD_TUNE_MALLOC": "1"})
     applied, faults = out.stdout.split()
     return applied == "True", int(faults)
 

@@ -57,8 +57,9 @@ def test_inverse_ladj_matches_autograd_jacobian(name):
     z, _ = t(x, c)
     _, ladj = t.inverse(z, c)
     ci = None if c is None else c[:1]
-    jac = torch.autograd.functional.jacobian(lambda v: t.inverse(v.reshape(1, *z.shape[1:]), ci)[0].reshape(-1),
-                                             z[0].reshape(-1))
+    jac = torch.autograd.functional.jacobian(
+        lambda v: t.inverse(v.reshape(1, *z.shape[1:]), ci)[0].reshape(-1), z[0].reshape(-1)
+    )
     torch.testing.assert_close(ladj[0], torch.linalg.slogdet(jac)[1], atol=1e-8, rtol=1e-8)
 
 
@@ -110,7 +111,8 @@ def test_gradients_reach_every_parameter(name):
     for pname, p in t.named_parameters():
         assert p.grad is not None, f"no gradient reached {pname}"
         owner = modules[pname.rpartition(".")[0]]
-        if pname.endswith("weight") and isinstance(getattr(owner, "mask", None), torch.Tensor) and not owner.mask.any():
+        if (pname.endswith("weight") and isinstance(getattr(owner, "mask", None), torch.Tensor)
+                and not owner.mask.any()):
             continue  # a masked layer without connections (a 1-D MADE's input layer: z_1 sees no x)
         assert p.grad.abs().sum() > 0, f"zero gradient at {pname}"
 
@@ -172,8 +174,9 @@ def test_actnorm_initialises_to_zero_mean_unit_variance():
     assert torch.allclose(z2.std(dim=(0, 2, 3)), 10 * z.std(dim=(0, 2, 3)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["affine_half_flip", "img_affine_checkerboard", "img_affine_channel", "realnvp",
-                                  "maf_context", "maf_context_1d", "maf_context_no_hidden", "img_checkerboard_context"])
+@pytest.mark.parametrize("name", ["affine_half_flip", "img_affine_checkerboard", "img_affine_channel",
+                                  "realnvp", "maf_context", "maf_context_1d", "maf_context_no_hidden",
+                                  "img_checkerboard_context"])
 def test_couplings_start_as_identity(name):
     torch.manual_seed(0)
     case = CASES[name]

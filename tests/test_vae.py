@@ -27,7 +27,8 @@ def _perturb(model: torch.nn.Module, std: float, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g) / math.sqrt(max(1, p.shape[-1] if p.dim() > 1 else 1)))
+            fan_in = max(1, p.shape[-1] if p.dim() > 1 else 1)
+            p.add_(std * torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
 
 
 def _paired_se(a: torch.Tensor) -> float:
@@ -87,8 +88,11 @@ def test_elbo_terms_and_shapes():
 
 
 # -- a linear-Gaussian model: log p(x) is known --------------------------------------------------
-def _linear_gaussian(d: int, w: torch.Tensor, b: torch.Tensor, raw_log_sigma: float) -> tuple[VAE, torch.Tensor]:
-    """``x = W z + b + sigma * eps``: a VAE whose decoder is exactly that; returns it and the covariance of x."""
+def _linear_gaussian(
+    d: int, w: torch.Tensor, b: torch.Tensor, raw_log_sigma: float
+) -> tuple[VAE, torch.Tensor]:
+    """``x = W z + b + sigma * eps``: a VAE whose decoder is exactly that; returns it and the covariance
+    of x."""
     model = vae(event_shape=[d], latent=w.shape[1], hidden=[]).double()
     dec = model.decoder[-1]
     with torch.no_grad():
@@ -180,13 +184,15 @@ def test_logit_gaussian_decoder_is_a_density_on_the_unit_interval():
     normal = torch.distributions.Normal(loc.reshape(()), log_scale.exp().reshape(()))
     lo, hi = math.log(0.05 / 0.95), math.log(0.95 / 0.05)  # logit(alpha), logit(1 - alpha)
     with torch.no_grad():
-        expected = float(normal.cdf(torch.tensor(hi, dtype=torch.float64)) - normal.cdf(torch.tensor(lo, dtype=torch.float64)))
+        expected = float(normal.cdf(torch.tensor(hi, dtype=torch.float64))
+                         - normal.cdf(torch.tensor(lo, dtype=torch.float64)))
     assert abs(mass - expected) < 1e-6 and mass <= 1
 
 
 # -- the recipe, save/load, fit and the CLI ------------------------------------------------------
 def test_recipe_records_itself_and_save_load_round_trip(tmp_path):
-    model = models.build({"recipe": "vae", "kwargs": {"event_shape": [1, 8, 8], "hidden_channels": 8, "k": 4}})
+    model = models.build({"recipe": "vae",
+                          "kwargs": {"event_shape": [1, 8, 8], "hidden_channels": 8, "k": 4}})
     assert isinstance(model, VAE) and model.recipe["recipe"] == "vae" and model.k == 4
     _perturb(model, 0.5)
     pushforward.save(model, tmp_path / "v.safetensors")
@@ -224,7 +230,8 @@ def test_cli_train_eval_sample_digits_vae(tmp_path, capsys):
     assert [r["step"] for r in rows] == [8, 16, 24] and all("val_bpd" in r for r in rows)
     assert main(["eval", str(run)]) == 0
     result = json.loads((run / "eval.json").read_text())
-    assert result["bound"] == "negative ELBO" and math.isfinite(result["bpd"]) and "max_reconstruction_error" not in result
+    assert (result["bound"] == "negative ELBO" and math.isfinite(result["bpd"])
+            and "max_reconstruction_error" not in result)
     assert "negative ELBO" in capsys.readouterr().out
     assert main(["sample", str(run), "--n", "16"]) == 0 and png(run / "samples.png")
 
@@ -244,7 +251,8 @@ def test_compare_end_to_end(tmp_path, capsys):
     result = json.loads((out / "compare.json").read_text())
     s = result["scores"]
     assert result["n_eval"] == 150 and result["ks"] == [1, 10, 100]
-    assert abs(result["vae"]["parameters"] - result["flow"]["parameters"]) < 0.1 * result["flow"]["parameters"]
+    flow_parameters = result["flow"]["parameters"]
+    assert abs(result["vae"]["parameters"] - flow_parameters) < 0.1 * flow_parameters
     assert result["flow"]["steps"] == result["vae"]["steps"] == 30
     for key in ("flow_nll", "neg_elbo", "neg_iwae_1", "neg_iwae_100", "true_nll"):
         assert math.isfinite(s[key]["nats"]), key
@@ -268,7 +276,8 @@ def test_compare_end_to_end(tmp_path, capsys):
 def test_compare_digits_images_in_bits_per_dim(tmp_path):
     out = tmp_path / "d"
     assert main(["compare", "--data", "digits", "--run-dir", str(out), "--max-steps", "10", "--no-progress",
-                 "--set", "max_train=128", "--set", "batch_size=32", "--set", "warmup_steps=2", "--set", "val_every=5",
+                 "--set", "max_train=128", "--set", "batch_size=32", "--set", "warmup_steps=2",
+                 "--set", "val_every=5",
                  "--flow-set", "model.hidden_channels=8", "--ks", "1,10", "--eval-n", "40"]) == 0
     result = json.loads((out / "compare.json").read_text())
     assert result["levels"] == 17 and result["vae"]["arch"] == "conv"
