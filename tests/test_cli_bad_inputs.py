@@ -660,3 +660,39 @@ def test_compare_that_trains_both_states_the_matched_budget(tmp_path, capsys):
     line = next(x for x in (out_dir / "report.md").read_text().splitlines() if "Matched:" in x)
     assert "parameter counts" in line and "the VAE's width was chosen for the flow's" in line, line
     assert "training steps (4 each)" in line, line
+
+
+# -- 10. long work shows progress; the final validation fits inside --max-minutes ----------------------------
+def test_the_final_validation_counts_inside_max_minutes(tmp_path, capsys):
+    """A validation set that takes a good part of the budget to score: training stops early enough for
+    the final validation and checkpoint to end within --max-minutes (they used to come on top of it)."""
+    run_dir, budget_s = tmp_path / "budget", 3.0
+    code, out, err = run(["train", "--data", "moons", "--no-progress", "--set", "n_train=2000",
+                          "--set", "n_val=400000", "--set", "n_test=100", "--set", "model.layers=4",
+                          "--set", "model.hidden=[32]", "--set", "batch_size=64", "--set", "val_every=1000000",
+                          "--run-dir", run_dir, "--max-steps", "1000000", "--max-minutes", str(budget_s / 60)],
+                         capsys)
+    assert code == 0 and "stopped (time)" in out, err
+    assert "time budget:" in out and "to end within --max-minutes" in out  # shown, not silent
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] > 10
+    assert rows[0]["elapsed_s"] <= budget_s  # measured when the validation had ended
+
+
+def test_long_passes_show_progress(monkeypatch):
+    """Every pass over data (validation, eval and its reference and reconstruction passes) goes through a
+    progress bar that appears after two seconds."""
+    from pushforward import models, train
+
+    labels = []
+    real = train._progress
+
+    def spy(total, desc):
+        labels.append(desc)
+        return real(total, desc)
+
+    monkeypatch.setattr(train, "_progress", spy)
+    flow = models.realnvp(2, layers=2, hidden=(8,))
+    train.evaluate(flow, torch.randn(50, 2), batch_size=20, progress="eval moons")
+    assert labels == ["eval moons", "eval moons: reconstruction"]
+    assert real(3, "x").delay == 2.0

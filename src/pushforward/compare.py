@@ -44,7 +44,7 @@ from .metrics import bits_per_dim, mean_and_stderr
 from .models import build
 from .plot import data_bounds, density_grid, image_grid
 from .runs import calibrate_steps, say, train_run
-from .train import seed_from
+from .train import _progress, seed_from
 from .vae import VAE
 
 __all__ = ["DEFAULT_KS", "compare", "count_parameters", "match_vae_width", "sampling_speed", "score"]
@@ -198,31 +198,42 @@ def _test_points(dataset: Dataset, config: TrainConfig, n: int) -> Tensor:
 
 @torch.no_grad()
 def score(flow, vae: VAE, x: Tensor, ks: Sequence[int] = DEFAULT_KS, seed: int = 0, batch_size: int = 256,
-          elbo_samples: int = 10, log: Callable[..., None] = say) -> dict[str, Tensor]:
-    """Per-example nats on ``x``: ``flow_nll``, ``neg_elbo``, ``recon``, ``kl``, ``neg_iwae_<k>``."""
+          elbo_samples: int = 10, log: Callable[..., None] = say, progress: bool = False) -> dict[str, Tensor]:
+    """Per-example nats on ``x``: ``flow_nll``, ``neg_elbo``, ``recon``, ``kl``, ``neg_iwae_<k>``.
+
+    ``progress``: a progress bar for every pass that lasts over two seconds (IWAE with large ``k``)."""
     flow.eval()
     vae.eval()
     out: dict[str, list[Tensor]] = {}
+    starts = range(0, len(x), max(1, batch_size))
 
     def add(name: str, value: Tensor) -> None:
         out.setdefault(name, []).append(value.double().cpu())
 
+    def bar(label: str):
+        return _progress(len(starts), label if progress else "")
+
     t0 = time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        add("flow_nll", -flow.log_prob(x[i : i + batch_size]))
+    with bar("flow exact NLL") as b:
+        for i in starts:
+            add("flow_nll", -flow.log_prob(x[i : i + batch_size]))
+            b.update(1)
     log(f"  flow exact NLL: {time.perf_counter() - t0:.1f} s")
     torch.manual_seed(seed_from(seed, 5))
-    for i in range(0, len(x), batch_size):
-        elbo, recon, kl = vae.elbo(x[i : i + batch_size], samples=elbo_samples)
-        add("neg_elbo", -elbo)
-        add("recon", recon)
-        add("kl", kl)
+    with bar("VAE ELBO") as b:
+        for i in starts:
+            elbo, recon, kl = vae.elbo(x[i : i + batch_size], samples=elbo_samples)
+            add("neg_elbo", -elbo)
+            add("recon", recon)
+            add("kl", kl)
+            b.update(1)
     for k in ks:
         t0 = time.perf_counter()
         torch.manual_seed(seed_from(seed, 6, k))
-        bs = max(1, min(batch_size, len(x)))
-        for i in range(0, len(x), bs):
-            add(f"neg_iwae_{k}", -vae.iwae(x[i : i + bs], k))
+        with bar(f"VAE IWAE k={k}") as b:
+            for i in starts:
+                add(f"neg_iwae_{k}", -vae.iwae(x[i : i + batch_size], k))
+                b.update(1)
         log(f"  VAE IWAE k={k}: {time.perf_counter() - t0:.1f} s")
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -520,7 +531,7 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
     # scoring
     x = _test_points(dataset, fcfg, eval_n)
     say(f"\n== scoring {len(x)} test examples (IWAE k = {', '.join(map(str, ks))})")
-    scores = score(flow, vae, x.to(flow.dtype), ks, seed=fcfg.seed)
+    scores = score(flow, vae, x.to(flow.dtype), ks, seed=fcfg.seed, progress=progress)
     true_log_prob = dataset_entry(fcfg).log_prob  # known for most toy densities
     true_nll = None if true_log_prob is None else -true_log_prob(x).double()
     levels = dataset.levels

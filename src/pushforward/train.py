@@ -458,18 +458,50 @@ class _State:
 
 @dataclass
 class _Clock:
-    """Wall time of this invocation and throughput, for the metrics rows and the progress bar."""
+    """Wall time of this invocation and throughput, for the metrics rows, the progress bar and the budget."""
 
     start: float = field(default_factory=time.monotonic)
     since_val: list[float] = field(default_factory=lambda: [time.monotonic(), 0])  # (time, samples)
     window: list[float] = field(default_factory=lambda: [time.monotonic(), 0])
+    steps: int = 0  # timed optimizer steps: all but the first (one-off costs: the optimizer's set-up, compile)
+    examples: int = 0
+    step_seconds: float = 0.0
+    first: bool = True
+    val_seconds: float | None = None  # the last validation
+    val_probe: float | None = None  # a validation as timed on one chunk, before the first one
+    save_seconds: float = 0.0  # the slowest checkpoint
 
-    def count(self, samples: int) -> None:
+    def count(self, samples: int, seconds: float = 0.0) -> None:
         self.since_val[1] += samples
         self.window[1] += samples
+        if self.first:
+            self.first = False
+            return
+        self.steps += 1
+        self.examples += samples
+        self.step_seconds += seconds
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
+
+    def final_pass(self, val_examples: int) -> float:
+        """Seconds a validation and a checkpoint are expected to take: as long as the last ones, or,
+        before any, the timed first chunk times the chunks (else half the training time per example,
+        forward only, times the validation examples)."""
+        if self.val_seconds is not None:
+            return self.val_seconds + self.save_seconds
+        if self.val_probe is not None:
+            return self.val_probe + self.save_seconds
+        return 0.5 * self.step_seconds / max(1, self.examples) * val_examples + self.save_seconds
+
+    def out_of_time(self, budget_s: float, val_examples: int, validated: bool) -> bool:
+        """Whether to stop now so that one more step would not push the final validation (unless this step
+        was just validated) and checkpoint past ``budget_s``."""
+        if self.steps < 2 and self.val_seconds is None:  # nothing to estimate from yet
+            return self.elapsed() > budget_s
+        one_step = self.step_seconds / max(1, self.steps)
+        final = self.save_seconds if validated else self.final_pass(val_examples)
+        return self.elapsed() + one_step + final > budget_s
 
 
 def _prepare(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, objective: Objective | None,
@@ -674,15 +706,34 @@ def _optimizer_step(run: _Run, state: _State, loss_step: LossStep, batch: Batch,
     return batch_loss
 
 
+def _time_validation(run: _Run) -> float:
+    """Seconds this process's part of a validation should take, from one chunk timed now. The chunk's
+    figures are thrown away and the random states restored, so the run goes on exactly as without it."""
+    size = run.config.eval_batch_size
+    mine = run.dist.split(math.ceil(run.val.n / size))
+    states = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    t0 = time.monotonic()
+    _figures(run.model, run.objective, run.val, size, seed_from(run.config.seed, 1), run.device, range(1))
+    seconds = (time.monotonic() - t0) * max(1, mine.stop - mine.start)
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state_all(states[1])
+    return seconds
+
+
 def _validation_figures(run: _Run) -> dict[str, float]:
-    """Mean validation figures of the objective, each process evaluating its chunks; the same on every rank."""
+    """Mean validation figures of the objective, each process evaluating its chunks; the same on every rank.
+
+    A pass longer than two seconds shows a progress bar (rank 0, ``config.progress``)."""
     size = run.config.eval_batch_size
     n_chunks = math.ceil(run.val.n / size)
     mine = run.dist.split(n_chunks)
     # a process without a chunk evaluates the first one and counts it zero times, so that every process
     # knows the names of the figures and takes part in the sum
     chunks, weight = (range(mine.start, mine.stop), 1.0) if mine.stop > mine.start else (range(1), 0.0)
-    figures = _figures(run.model, run.objective, run.val, size, seed_from(run.config.seed, 1), run.device, chunks)
+    label = "validation" if run.config.progress and run.dist.is_main else ""
+    figures = _figures(run.model, run.objective, run.val, size, seed_from(run.config.seed, 1), run.device, chunks,
+                       progress=label)
     sums = run.dist.all_sum(torch.stack([v.sum() * weight for v in figures.values()]))
     return {name: float(s) / run.val.n for name, s in zip(figures, sums)}
 
@@ -747,10 +798,22 @@ def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say
     """Steps until the step budget, early stopping, the clock or an interrupt ends training; returns why."""
     clock = _Clock()
     config = run.config
+
+    def validate_and_save() -> dict[str, Any]:
+        t0 = time.monotonic()
+        row = _validate(run, state, clock)
+        t1 = time.monotonic()
+        _checkpoint(run, state)
+        clock.val_seconds, clock.save_seconds = t1 - t0, max(clock.save_seconds, time.monotonic() - t1)
+        bpd = f" ({row['val_bpd']:.4f} bits/dim)" if "val_bpd" in row else ""
+        say(f"step {state.step}: val NLL {row['val_nll']:.4f}{bpd}" + (" *" if row["best"] else ""))
+        return row
+
     while state.step < run.total:
         batch, generator = order.batch(state.step)
+        t0 = time.monotonic()
         batch_loss = _optimizer_step(run, state, loss_step, batch, generator)
-        clock.count(batch.size)
+        clock.count(batch.size, time.monotonic() - t0)
         bar.update(1)
         _show(run, state, clock, bar, batch_loss)
         if callback is not None:
@@ -763,13 +826,14 @@ def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say
         due = (state.step % config.val_every == 0 if config.val_every > 0
                else state.step % run.steps_per_epoch == 0)
         if due or state.step == run.total:
-            row = _validate(run, state, clock)
-            _checkpoint(run, state)
-            bpd = f" ({row['val_bpd']:.4f} bits/dim)" if "val_bpd" in row else ""
-            say(f"step {state.step}: val NLL {row['val_nll']:.4f}{bpd}" + (" *" if row["best"] else ""))
+            validate_and_save()
             if config.patience > 0 and state.bad_validations >= config.patience:
                 return "early_stopping"
-        out_of_time = config.max_minutes > 0 and clock.elapsed() > 60 * config.max_minutes
+        # the final validation and checkpoint count inside the budget: stop when they would not fit
+        if config.max_minutes > 0 and clock.val_seconds is None and clock.val_probe is None:
+            clock.val_probe = _time_validation(run)
+        out_of_time = (config.max_minutes > 0 and state.step < run.total
+                       and clock.out_of_time(60 * config.max_minutes, run.val.n, state.last_val_step == state.step))
         # any rank's Ctrl-C or clock stops every rank at this same step
         # (a signal handled while the ranks compare notes sets `requested` for the next step: the result
         # must not overwrite it, or that signal is lost)
@@ -777,9 +841,11 @@ def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say
         if stop:
             raise KeyboardInterrupt
         if out_of_time:
+            left = 60 * config.max_minutes - clock.elapsed()
             if state.last_val_step != state.step:
-                _validate(run, state, clock)
-            _checkpoint(run, state)
+                say(f"time budget: {max(0.0, left):.1f} s left at step {state.step}; validating {run.val.n} examples "
+                    f"and saving (about {clock.final_pass(run.val.n):.1f} s) to end within --max-minutes")
+                validate_and_save()  # (a step validated just now was saved with it)
             return "time"
     return "completed"
 
