@@ -170,6 +170,36 @@ def test_outlier_row_scores_near_the_gaussian(far):
     assert excess[0.0] > excess[4.0] + 10  # the clip is what bounds it
 
 
+def test_gaussian_whitening_shrinkage():
+    """A fixed weight gives the Gaussian of (1 - a) S + a (tr S / D) I; Ledoit-Wolf's weight is small for
+    many rows and larger for few; the table entry's model starts at the shrunk Gaussian."""
+    torch.manual_seed(0)
+    mix = torch.randn(5, 5)
+    x = torch.randn(40, 5) @ mix
+    layer = GaussianWhitening(5, shrinkage=0.3)
+    layer.fit(x)
+    cov = torch.cov(x.double().T, correction=0)
+    shrunk = 0.7 * cov + 0.3 * cov.diagonal().mean() * torch.eye(5, dtype=torch.float64)
+    reference = torch.distributions.MultivariateNormal(x.double().mean(0), covariance_matrix=shrunk)
+    from pushforward.core import Compose, Flow
+    from pushforward.distributions import StandardNormal
+
+    flow = Flow(Compose(layer), StandardNormal(5))
+    expected = reference.log_prob(x.double())
+    torch.testing.assert_close(flow.log_prob(x).double(), expected, atol=1e-3, rtol=1e-4)
+    from pushforward.transforms.linear import _ledoit_wolf
+
+    def weight(rows):
+        y = (torch.randn(rows, 5) @ mix).double()
+        c = y - y.mean(0)
+        cov = c.T @ c / rows
+        return _ledoit_wolf(c, cov, float(cov.diagonal().mean()))
+
+    assert 0 <= weight(20_000) < 0.01 < weight(20) <= 1
+    with pytest.raises(ValueError, match="shrinkage"):
+        GaussianWhitening(3, shrinkage=1.5)
+
+
 def test_gaussian_whitening_handles_a_singular_covariance():
     x = torch.randn(5, 8)  # fewer rows than features
     layer = GaussianWhitening(8)
