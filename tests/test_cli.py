@@ -243,3 +243,66 @@ def test_compare_builds_on_runs_not_on_the_cli():
     importers = sorted(p.name for p in src.rglob("*.py")
                        if p.name != "__main__.py" and imports_cli.search(p.read_text()))
     assert importers == []  # only `python -m pushforward` enters through the CLI
+
+
+# -- what users notice first ---------------------------------------------------------------------------------
+def _options():
+    import argparse
+
+    from pushforward.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                yield name, action
+
+
+def test_every_option_has_help_that_states_its_default():
+    import argparse
+
+    missing = []
+    for command, action in _options():
+        flag = "/".join(action.option_strings) or action.dest
+        if not action.help:
+            missing.append(f"{command} {flag}: no help")
+        elif action.option_strings and not isinstance(action, argparse._StoreTrueAction) \
+                and "default" not in action.help and not action.required:
+            missing.append(f"{command} {flag}: no default in {action.help!r}")
+    assert missing == []
+
+
+def test_the_demo_trains_a_fixed_number_of_steps(monkeypatch):
+    from pushforward import runs
+    from pushforward.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert (args.density_steps, args.image_steps, args.max_minutes) == (6000, 3000, 0.0)
+    seen = []
+
+    def train_run(config, **kwargs):
+        seen.append((config.data, config.max_steps, config.max_minutes))
+        raise KeyboardInterrupt
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the demo must not size itself from a timing trial")
+
+    monkeypatch.setattr(runs, "train_run", train_run)
+    monkeypatch.setattr(runs, "calibrate_steps", no_timing)
+    monkeypatch.delenv("PUSHFORWARD_TEST_BUDGET", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        runs.demo("unused", "moons", "digits")
+    assert seen == [("moons", 6000, 0.0)]
+
+
+def test_help_is_quick():
+    """pushforward --help imports no torch (see test_the_parser_and_help_import_no_torch): well under a
+    second."""
+    import time
+
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "pushforward", "--help"], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0
+    assert time.monotonic() - start < 1.5  # 0.07-0.2 s here; a loaded CI machine gets slack

@@ -157,7 +157,7 @@ def test_a_second_plain_train_says_how_to_continue(existing, capsys):
     assert "resume=True" not in line  # the command line's terms, not the Python API's
 
 
-# -- 3. one writer per run directory ---------------------------------------------------------------------------
+# -- 3. one writer per run directory -------------------------------------------------------------------------
 def _holder(run_dir: Path, then: str = "time.sleep(60)") -> subprocess.Popen:
     """A process that takes the run directory's lock, says so, then runs ``then``."""
     code = ("import sys, time\nfrom pushforward.rundir import RunLock\n"
@@ -206,11 +206,11 @@ def test_a_lock_left_by_a_killed_process_is_stale(existing, capsys):
     code, out, err = run(["train", "--resume", "--run-dir", existing, "--no-progress", "--max-steps", "12"],
                          capsys)
     assert code == 0, err
-    assert f"stale lock" in err and f"PID {holder.pid}" in err and "no longer running" in err
+    assert "stale lock" in err and f"PID {holder.pid}" in err and "no longer running" in err
     assert not (existing / ".pushforward.lock").exists()  # released at the end
 
 
-# -- 4. a resumed run keeps its data and model ----------------------------------------------------------------
+# -- 4. a resumed run keeps its data and model ---------------------------------------------------------------
 @pytest.mark.parametrize("extra, words", [
     (["--data", "circles"], ["data = 'moons' -> 'circles'"]),
     (["--recipe", "nice"], ["recipe = 'realnvp' -> 'nice'"]),
@@ -222,8 +222,8 @@ def test_a_lock_left_by_a_killed_process_is_stale(existing, capsys):
     (["--condition", "label"], ["condition"]),
 ], ids=["data", "recipe", "model", "seed", "n_train", "batch_size", "dequantization", "condition"])
 def test_resume_refuses_to_change_the_data_or_the_model(existing, capsys, extra, words):
-    expect(["train", "--resume", "--run-dir", existing, "--no-progress", "--max-steps", "20", *extra], capsys, 2,
-           "cannot resume", *words, existing=existing)
+    expect(["train", "--resume", "--run-dir", existing, "--no-progress", "--max-steps", "20", *extra], capsys,
+           2, "cannot resume", *words, existing=existing)
 
 
 def test_resume_may_change_the_budget(existing, capsys):
@@ -253,7 +253,8 @@ def test_resume_finds_the_default_run_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run(["train", "--data", "moons", *TINY, "--max-steps", "4"], capsys)[0] == 0
     assert (tmp_path / "runs" / "moons" / "checkpoint").is_dir()
-    code, out, err = run(["train", "--data", "moons", "--resume", "--max-steps", "6", "--no-progress"], capsys)
+    code, out, err = run(["train", "--data", "moons", "--resume", "--max-steps", "6", "--no-progress"],
+                         capsys)
     assert code == 0 and "stopped (completed) at step 6" in out, err
     expect(["train", "--resume", "--no-progress"], capsys, 2, "--resume needs", "--run-dir")
     expect(["train", "--data", "circles", "--resume"], capsys, 2, "runs/circles holds no checkpoint")
@@ -271,7 +272,7 @@ def test_different_runs_of_one_data_set_get_different_default_directories():
     assert where(data="fashion-mnist", condition="label") == "runs/fashion-mnist-label"
 
 
-# -- 6. every option and config key in its range, checked when the command line is parsed ----------------------
+# -- 6. every option and config key in its range, checked when the command line is parsed --------------------
 RUN = "{run}"  # the existing run directory
 OVER = ["--run-dir", RUN, "--overwrite"]  # a bad value must not cost the run it would replace
 TRAIN = ["train", "--data", "moons", *TINY, *OVER]
@@ -308,8 +309,10 @@ BAD_VALUES = [
     ("restore_best=2", [*TRAIN, "--set", "restore_best=2"], 2, ["restore_best", "true or false"]),
     ("device gpu", [*TRAIN, "--device", "gpu"], 2, ["--device", "'gpu'", "cuda:N"]),
     ("model.layers=0", [*TRAIN, "--set", "model.layers=0"], 2, ["model.layers", "= 0", "integer >= 1"]),
-    ("model.hidden=abc", [*TRAIN, "--set", "model.hidden=abc"], 2, ["model.hidden", "'abc'", "list of positive"]),
-    ("model.hidden=[0]", [*TRAIN, "--set", "model.hidden=[0]"], 2, ["model.hidden", "[0]", "list of positive"]),
+    ("model.hidden=abc", [*TRAIN, "--set", "model.hidden=abc"], 2,
+     ["model.hidden", "'abc'", "list of positive"]),
+    ("model.hidden=[0]", [*TRAIN, "--set", "model.hidden=[0]"], 2,
+     ["model.hidden", "[0]", "list of positive"]),
     ("model.hidden=[-3,4]", [*TRAIN, "--set", "model.hidden=[-3,4]"], 2, ["model.hidden", "positive"]),
     ("model.scale_bound=-1", [*TRAIN, "--set", "model.scale_bound=-1"], 2, ["model.scale_bound", "> 0"]),
     ("model.mask=diagonal", [*TRAIN, "--set", "model.mask=diagonal"], 2, ["diagonal"]),
@@ -322,7 +325,8 @@ BAD_VALUES = [
     ("set lr", [*TRAIN, "--set", "lr"], 2, ["--set", "key=value", "'lr'"]),
     ("set other.x", [*TRAIN, "--set", "other.x=1"], 2, ["model.<kwarg>", "'other.x'"]),
     ("recipe nosuch", [*TRAIN, "--recipe", "nosuch"], 2, ["unknown recipe", "'nosuch'", "realnvp"]),
-    ("recipe glow on 2-D", [*TRAIN, "--recipe", "glow"], 2, ["'glow'", "models images", "2-D points", "realnvp"]),
+    ("recipe glow on 2-D", [*TRAIN, "--recipe", "glow"], 2,
+     ["'glow'", "models images", "2-D points", "realnvp"]),
     ("recipe maf on digits", ["train", "--data", "digits", "--recipe", "maf", *OVER], 2,
      ["'maf'", "models vectors", "images", "glow"]),
     ("dequantizer.layers=0", ["train", "--data", "digits", "--dequantization", "variational",
@@ -348,7 +352,8 @@ BAD_VALUES = [
     ("sample seed x", ["sample", RUN, "--seed", "x"], 2, ["--seed", "'x'"]),
     ("plot nothing there", ["plot", "{tmp}"], 2, ["no metrics.jsonl"]),
     # demo and compare
-    ("demo minutes -1", ["demo", "--minutes", "-1"], 2, ["--minutes", "'-1'", "> 0"]),
+    ("demo max-minutes -1", ["demo", "--max-minutes", "-1"], 2, ["--max-minutes", "'-1'", ">= 0"]),
+    ("demo image-steps 0", ["demo", "--image-steps", "0"], 2, ["--image-steps", "'0'", ">= 1"]),
     ("demo density", ["demo", "--density", "blob"], 2, ["--density", "'blob'", "moons"]),
     ("compare ks 0", ["compare", "--data", "moons", "--ks", "1,0"], 2, ["--ks", "'0'", ">= 1"]),
     ("compare ks abc", ["compare", "--data", "moons", "--ks", "abc"], 2, ["--ks", "'abc'"]),
@@ -371,7 +376,8 @@ def _config_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("argv, code, words", [case[1:] for case in BAD_VALUES], ids=[c[0] for c in BAD_VALUES])
+@pytest.mark.parametrize("argv, code, words", [case[1:] for case in BAD_VALUES],
+                         ids=[c[0] for c in BAD_VALUES])
 def test_bad_values_are_named_at_parse_time(trained, tmp_path, capsys, argv, code, words):
     argv = [str(a).replace(RUN, str(trained)).replace("{tmp}", str(tmp_path)) for a in argv]
     expect(argv, capsys, code, *words, existing=trained)
@@ -404,14 +410,16 @@ def test_every_config_key_and_option_has_a_rule():
 # -- 5. SIGTERM is the first Ctrl-C: finish the step, save, exit 143, say how to resume ---------------------
 def _training(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pushforward", "train", "--data", "moons", *TINY,
-                             "--run-dir", str(run_dir), "--max-steps", "100000", "--set", "val_every=20", *extra],
+                             "--run-dir", str(run_dir), "--max-steps", "100000", "--set", "val_every=20",
+                             *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                             start_new_session=True)
 
 
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_saves_and_says_how_to_resume(tmp_path, capsys, signum, code):
     run_dir = tmp_path / "stopped"
     p = _training(run_dir)
@@ -437,8 +445,8 @@ def test_sigterm_under_torchrun_saves_on_every_rank(tmp_path):
     """torchrun forwards SIGTERM to its workers; they stop at the same step, rank 0 saves, all exit."""
     pytest.importorskip("torch.distributed.run")
     run_dir = tmp_path / "ddp"
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "pushforward", "train", "--data", "moons", *TINY,
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "pushforward", "train", "--data", "moons", *TINY,
                           "--device", "cpu", "--run-dir", str(run_dir), "--max-steps", "100000",
                           "--set", "val_every=20"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
@@ -477,8 +485,8 @@ def _flip_last_byte(path: Path) -> None:
      ["model.safetensors", "corrupted"]),
     ("checkpoint/state.safetensors", ["train", "--resume", "--run-dir", RUN, "--max-steps", "20"],
      ["state.safetensors", "corrupted"]),
-], ids=["eval", "sample", "resume-best", "compare", "eval-checkpoint", "eval-checkpoint-dir", "eval-weights-file",
-        "resume-model", "resume-state"])
+], ids=["eval", "sample", "resume-best", "compare", "eval-checkpoint", "eval-checkpoint-dir",
+        "eval-weights-file", "resume-model", "resume-state"])
 def test_a_flipped_bit_is_an_error_on_every_path(existing, tmp_path, capsys, target, argv, words):
     _flip_last_byte(existing / target)
     argv = [str(a).replace(RUN, str(existing)).replace("{tmp}", str(tmp_path)) for a in argv]
@@ -519,7 +527,8 @@ def test_load_compares_the_header_with_the_recorded_architecture(tmp_path):
     flow = models.realnvp(2, layers=2, hidden=(8,))
     state = {k: v.contiguous() for k, v in flow.state_dict().items()}
     renamed = {("renamed." + k if i == 0 else k): v for i, (k, v) in enumerate(state.items())}
-    with pytest.raises(ValueError, match="does not match the architecture it records: missing .*unexpected renamed"):
+    with pytest.raises(ValueError,
+                       match="does not match the architecture it records: missing .*unexpected renamed"):
         pf.load(_crafted(tmp_path / "a.safetensors", flow.recipe, renamed))
     key = next(k for k, v in state.items() if v.dim() == 2)
     reshaped = {**state, key: torch.zeros(state[key].shape[0] + 1, state[key].shape[1])}
@@ -530,8 +539,9 @@ def test_load_compares_the_header_with_the_recorded_architecture(tmp_path):
         pf.load(tmp_path / "c.safetensors")
 
 
-# -- 8. the file system: one-line errors naming the file and what is intact; eval prints first ----------------
-def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_intact_checkpoint(tmp_path, capsys, monkeypatch):
+# -- 8. the file system: one-line errors naming the file and what is intact; eval prints first ---------------
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_intact_checkpoint(tmp_path, capsys,
+                                                                                   monkeypatch):
     import errno
 
     from pushforward import checkpoint
@@ -618,7 +628,8 @@ def test_output_files_follow_the_umask(tmp_path, capsys, umask, file_mode, dir_m
     old = os.umask(umask)
     try:
         run_dir = tmp_path / "modes"
-        assert run(["train", "--data", "moons", *TINY, "--run-dir", run_dir, "--max-steps", "4"], capsys)[0] == 0
+        argv = ["train", "--data", "moons", *TINY, "--run-dir", run_dir, "--max-steps", "4"]
+        assert run(argv, capsys)[0] == 0
         assert run(["eval", run_dir], capsys)[0] == 0
         assert run(["sample", run_dir, "--n", "50"], capsys)[0] == 0
     finally:
@@ -630,7 +641,7 @@ def test_output_files_follow_the_umask(tmp_path, capsys, umask, file_mode, dir_m
             "checkpoint/state.json"} <= set(modes)
 
 
-# -- 11. reports say what was matched, and only that -------------------------------------------------------------
+# -- 11. reports say what was matched, and only that ---------------------------------------------------------
 def test_compare_of_two_finished_runs_claims_no_match(trained, tmp_path, capsys):
     vae = tmp_path / "vae"
     assert run(["train", "--data", "moons", "--recipe", "vae", "--no-progress", "--run-dir", vae,
@@ -669,8 +680,9 @@ def test_the_final_validation_counts_inside_max_minutes(tmp_path, capsys):
     run_dir, budget_s = tmp_path / "budget", 3.0
     code, out, err = run(["train", "--data", "moons", "--no-progress", "--set", "n_train=2000",
                           "--set", "n_val=400000", "--set", "n_test=100", "--set", "model.layers=4",
-                          "--set", "model.hidden=[32]", "--set", "batch_size=64", "--set", "val_every=1000000",
-                          "--run-dir", run_dir, "--max-steps", "1000000", "--max-minutes", str(budget_s / 60)],
+                          "--set", "model.hidden=[32]", "--set", "batch_size=64",
+                          "--set", "val_every=1000000", "--run-dir", run_dir, "--max-steps", "1000000",
+                          "--max-minutes", str(budget_s / 60)],
                          capsys)
     assert code == 0 and "stopped (time)" in out, err
     assert "time budget:" in out and "to end within --max-minutes" in out  # shown, not silent

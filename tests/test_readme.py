@@ -84,8 +84,8 @@ def test_readme_commands_run_in_order_on_a_fresh_copy(tmp_path):
     env = {**os.environ, "PUSHFORWARD_TEST_BUDGET": "2", "PUSHFORWARD_SKIP_SETUP": "1", "MPLBACKEND": "Agg",
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("VIRTUAL_ENV", None)
-    done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=900, check=False)
+    done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
     assert "Traceback" not in log, log[-6000:]

@@ -26,7 +26,8 @@ def small_flow(seed: int = 0):
 
 
 def small_config(tmp_path, **kw) -> TrainConfig:
-    values = {"data": "moons", "batch_size": 128, "lr": 3e-3, "warmup_steps": 20, "max_steps": 60, "val_every": 20,
+    values = {"data": "moons", "batch_size": 128, "lr": 3e-3, "warmup_steps": 20, "max_steps": 60,
+              "val_every": 20,
               "patience": 0, "progress": False, "seed": 3, "run_dir": str(tmp_path / "run"), "clip": 5.0}
     values.update(kw)
     return config_from_dict(values)
@@ -34,7 +35,8 @@ def small_config(tmp_path, **kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def moons():
-    return toy_sample("moons", 2000, seed=0), toy_sample("moons", 500, seed=1), toy_sample("moons", 2000, seed=2)
+    return (toy_sample("moons", 2000, seed=0), toy_sample("moons", 500, seed=1),
+            toy_sample("moons", 2000, seed=2))
 
 
 def gaussian_nll(train, test) -> float:
@@ -81,7 +83,8 @@ def test_resume_equals_uninterrupted(tmp_path, moons):
     assert read_state(tmp_path / "b" / "run")["step"] == 23
     # fit uses the fused Adam kernel, and a resumed run keeps it (the flag travels in the checkpoint)
     assert [g["fused"] for g in read_state(tmp_path / "b" / "run")["optimizer"]["param_groups"]] == [True]
-    resumed = fit(small_flow(seed=99), train, val, config_b, resume=True)  # init is overwritten by the checkpoint
+    # the initialisation is overwritten by the checkpoint
+    resumed = fit(small_flow(seed=99), train, val, config_b, resume=True)
     assert resumed.step == 46 and resumed.stop_reason == "completed"
     wa, wb = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
     assert wa.keys() == wb.keys()
@@ -174,7 +177,8 @@ def test_early_stopping_and_time_budget(tmp_path, moons):
     train, val, _ = moons
     # lr = 1e-30 moves no weight by a float32 step (lr = 0 is refused): it never improves on the first
     # validation, so patience 2 stops at the third.
-    h = fit(small_flow(), train, val, small_config(tmp_path / "a", lr=1e-30, patience=2, max_steps=200, val_every=10))
+    config = small_config(tmp_path / "a", lr=1e-30, patience=2, max_steps=200, val_every=10)
+    h = fit(small_flow(), train, val, config)
     assert h.stop_reason == "early_stopping" and h.step == 30 and h.best_step == 10
     h = fit(small_flow(), train, val, small_config(tmp_path / "b", max_minutes=1e-6, max_steps=1000))
     assert h.stop_reason == "time" and h.step == 1 and read_state(tmp_path / "b" / "run")["step"] == 1

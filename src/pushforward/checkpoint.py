@@ -134,7 +134,7 @@ def save_checkpoint(run_dir: str | os.PathLike, flow, optimizer: torch.optim.Opt
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=run_dir))
     try:
-        os.chmod(tmp, file_mode(directory=True))  # mkdtemp made it 0700: the umask decides, as for any directory
+        os.chmod(tmp, file_mode(directory=True))  # mkdtemp made it 0700: the umask decides, as anywhere
         save(flow, tmp / MODEL_FILE)
         opt_tensors, opt_json = optimizer_state(optimizer)
         rng_tensors, rng_json = rng_state()
@@ -255,7 +255,8 @@ def load_checkpoint(path: str | os.PathLike, flow, optimizer: torch.optim.Optimi
         try:
             set_optimizer_state(optimizer, tensors, record["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"checkpoint file {state_file} has optimizer state that does not fit: {e}") from e
+            raise ValueError(f"checkpoint file {state_file} has optimizer state that does not fit: "
+                             f"{e}") from e
     if restore_rng:
         set_rng_state(tensors, record["rng"])
     return record

@@ -154,8 +154,8 @@ def _open(path: str | Path, what: str) -> tuple[Any, TrainConfig, dict]:
     return run.flow, run.config, _metrics_summary(run.run_dir)
 
 
-def _matched(match: str, reused: list[str], width_matched: bool, minutes: float, flow_params: int, vae_params: int,
-             flow_stats: dict, vae_stats: dict) -> str:
+def _matched(match: str, reused: list[str], width_matched: bool, minutes: float, flow_params: int,
+             vae_params: int, flow_stats: dict, vae_stats: dict) -> str:
     """What the comparison matched, checked against what happened, and only that: a parameter count the
     VAE's width was chosen for (and reached within 10%), a training budget both runs got here (and
     used: the same steps, or both stopped by the clock), or the words saying that nothing was."""
@@ -191,14 +191,15 @@ def _test_points(dataset: Dataset, config: TrainConfig, n: int) -> Tensor:
     :func:`pushforward.train.evaluate` uses."""
     if dataset.is_image:
         g = torch.Generator().manual_seed(seed_from(config.seed, 2))
-        y = dequantize(dataset.test.images, dataset.levels, generator=g)
+        y = dequantize(dataset.test.images, int(dataset.levels or 0), generator=g)
         return y[:n] if n > 0 else y
     return dataset.test[:n] if n > 0 else dataset.test
 
 
 @torch.no_grad()
 def score(flow, vae: VAE, x: Tensor, ks: Sequence[int] = DEFAULT_KS, seed: int = 0, batch_size: int = 256,
-          elbo_samples: int = 10, log: Callable[..., None] = say, progress: bool = False) -> dict[str, Tensor]:
+          elbo_samples: int = 10, log: Callable[..., None] = say,
+          progress: bool = False) -> dict[str, Tensor]:
     """Per-example nats on ``x``: ``flow_nll``, ``neg_elbo``, ``recon``, ``kl``, ``neg_iwae_<k>``.
 
     ``progress``: a progress bar for every pass that lasts over two seconds (IWAE with large ``k``)."""
@@ -286,7 +287,7 @@ def _samples_figure(path: Path, flow, vae: VAE, dataset: Dataset, x: Tensor, see
                   ("test images", x[:n])]
         fig = _figure(4 * len(panels), 4.4)
         for ax, (name, images) in zip(fig.subplots(1, len(panels)), panels):
-            grid = image_grid(quantize(images, dataset.levels), nrow=8)
+            grid = image_grid(quantize(images, int(dataset.levels or 0)), nrow=8)
             ax.imshow(grid[..., 0].numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray", vmin=0,
                       vmax=1, interpolation="nearest")
             ax.set_title(name, fontsize=10)
@@ -524,8 +525,8 @@ def compare(data: str, out: str | Path | None = None, match: str = "params", min
         vae_stats = _train(vcfg, "vae", overwrite)
         vae = _open(vcfg.run_dir, "vae")[0]
 
-    description = _matched(match, reused, width_matched, minutes, count_parameters(flow), count_parameters(vae),
-                           flow_stats or {}, vae_stats or {})
+    description = _matched(match, reused, width_matched, minutes, count_parameters(flow),
+                           count_parameters(vae), flow_stats or {}, vae_stats or {})
     say(f"Matched: {description}.")
 
     # scoring

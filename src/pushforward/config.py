@@ -178,8 +178,8 @@ def check_config(config: TrainConfig, recipe: bool = True) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         check_key(f.name, getattr(config, f.name))
     if config.val_fraction + config.test_fraction >= 1:
-        raise ValueError(f"val_fraction + test_fraction = {config.val_fraction} + {config.test_fraction} leaves "
-                         "no training data; their sum must be below 1")
+        raise ValueError(f"val_fraction + test_fraction = {config.val_fraction} + {config.test_fraction} "
+                         "leaves no training data; their sum must be below 1")
     if not recipe or not config.recipe:
         return config
     try:
@@ -192,7 +192,8 @@ def check_config(config: TrainConfig, recipe: bool = True) -> TrainConfig:
         want = "shape" if entry.kind == "image" else "features"
         suitable = [r for r in _recipes() if want in _params(r) or "event_shape" in _params(r)]
         kinds = {"image": "images (C, H, W)", "toy2d": "2-D points", "table": "rows of a table"}
-        raise ValueError(f"recipe {config.recipe!r} models {'images' if 'shape' in params else 'vectors'}, but "
+        models = "images" if "shape" in params else "vectors"
+        raise ValueError(f"recipe {config.recipe!r} models {models}, but "
                          f"{config.data!r} holds {kinds.get(entry.kind, entry.kind)}; its recipes: "
                          f"{', '.join(suitable)}")
     check_recipe_kwargs(config.recipe, config.model, "model", conditional=config.condition == "label")
@@ -339,7 +340,7 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
     except ValueError as e:
         raise ValueError(f"the registered defaults of data set {entry.name!r} are not valid: {e}") from None
     config = config_from_dict(merge(defaults, user))
-    if entry.claims is not None and Path(config.data).exists():  # a file: recorded so that it resolves anywhere
+    if entry.claims is not None and Path(config.data).exists():  # a file: recorded to resolve anywhere
         config.data = str(Path(config.data).resolve())
     return check_config(config)
 
@@ -380,7 +381,8 @@ def model_kwargs(config: TrainConfig, event_shape: tuple[int, ...]) -> dict[str,
     params = inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
     kwargs = dict(config.model)
     if "features" in params and len(event_shape) != 1:
-        raise ValueError(f"recipe {config.recipe!r} models vectors, but the data has event shape {event_shape}")
+        raise ValueError(f"recipe {config.recipe!r} models vectors, but the data has event shape "
+                         f"{event_shape}")
     if "shape" in params and len(event_shape) != 3:
         raise ValueError(f"recipe {config.recipe!r} models images (C, H, W), "
                          f"but the data has event shape {event_shape}")

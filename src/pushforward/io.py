@@ -76,9 +76,11 @@ def _dtype_of(state: dict[str, Tensor]) -> torch.dtype | None:
 
 
 def dtype_mismatches(module: nn.Module, state: dict[str, Tensor]) -> list[str]:
-    """``"key: saved -> module"`` for every entry of ``state`` whose dtype differs from ``module``'s tensor."""
+    """``"key: saved -> module"`` for every entry of ``state`` whose dtype differs from ``module``'s
+    tensor."""
     own = module.state_dict()
-    return [f"{k}: {v.dtype} -> {own[k].dtype}" for k, v in state.items() if k in own and own[k].dtype != v.dtype]
+    return [f"{k}: {v.dtype} -> {own[k].dtype}" for k, v in state.items()
+            if k in own and own[k].dtype != v.dtype]
 
 
 def _match_dtypes(module: nn.Module, state: dict[str, Tensor]) -> None:
@@ -101,10 +103,11 @@ def _match_dtypes(module: nn.Module, state: dict[str, Tensor]) -> None:
         owner_name, _, name = key.rpartition(".")
         owner = module.get_submodule(owner_name)
         with torch.no_grad():
-            if name in owner._parameters:
-                owner._parameters[name].data = owner._parameters[name].data.to(saved.dtype)
-            else:
-                owner._buffers[name] = owner._buffers[name].to(saved.dtype)
+            param, buffer = owner._parameters.get(name), owner._buffers.get(name)
+            if param is not None:
+                param.data = param.data.to(saved.dtype)
+            elif buffer is not None:
+                owner._buffers[name] = buffer.to(saved.dtype)
 
 
 def _renamed(recipe: dict) -> dict:
@@ -221,7 +224,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> F
         elif _OLD_KEY in metadata:
             recipe = _renamed(json.loads(metadata[_OLD_KEY]))
         else:
-            raise ValueError(f"{path} has no pushforward architecture record; was it written by pushforward.save?")
+            raise ValueError(f"{path} has no pushforward architecture record; was it written by "
+                             "pushforward.save?")
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is corrupted: its architecture record is not valid JSON ({e})") from e
     if not isinstance(recipe, dict):
@@ -248,9 +252,9 @@ def _skeleton(path: Path, recipe: dict, header: dict[str, tuple[tuple[int, ...],
         with _AllocationLimit(limit):
             flow = build(recipe)
     except MemoryError as e:
-        raise ValueError(f"{path} records an architecture far larger than the {data_bytes:,} bytes of tensors "
-                         f"it holds (building it asked for more than {limit:,} bytes): it does not match "
-                         f"its record {json.dumps(recipe)[:200]}") from e
+        raise ValueError(f"{path} records an architecture far larger than the {data_bytes:,} bytes of "
+                         f"tensors it holds (building it asked for more than {limit:,} bytes): it does not "
+                         f"match its record {json.dumps(recipe)[:200]}") from e
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
         raise ValueError(f"{path} records an architecture that cannot be built ({_one_line(e)})") from e
     expected = {k: tuple(v.shape) for k, v in flow.state_dict().items()}
@@ -261,7 +265,8 @@ def _skeleton(path: Path, recipe: dict, header: dict[str, tuple[tuple[int, ...],
         shapes = sorted(k for k in set(expected) & set(saved) if expected[k] != saved[k])
         parts = [f"missing {', '.join(missing[:3])}" if missing else "",
                  f"unexpected {', '.join(extra[:3])}" if extra else "",
-                 "shape of " + ", ".join(f"{k} {saved[k]} != {expected[k]}" for k in shapes[:3]) if shapes else ""]
+                 ("shape of " + ", ".join(f"{k} {saved[k]} != {expected[k]}" for k in shapes[:3]))
+                 if shapes else ""]
         raise ValueError(f"{path} does not match the architecture it records: "
                          f"{'; '.join(p for p in parts if p)}")
     return flow

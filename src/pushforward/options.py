@@ -71,7 +71,8 @@ class Rule:
             return f"a string matching {self.pattern}" if self.pattern else "a string"
         what = "an integer" if self.kind is int else "a finite number"
         if self.low is not None and self.high is not None:
-            range_ = f" in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            range_ = f" in {left}{_num(self.low)}, {_num(self.high)}{right}"
         elif self.low is not None:
             range_ = f" {'>' if self.low_open else '>='} {_num(self.low)}"
         elif self.high is not None:
@@ -174,7 +175,8 @@ CONFIG_RULES: dict[str, Rule] = {
     "val_every": _int(-1, "0: once per epoch; -1: sized to the table, for tables"),
     "seed": _SEED,
     "run_dir": Rule(str),
-    "device": Rule(str, pattern=r"auto|cpu|mps|(cuda|xpu)(:\d+)?", words="auto, cpu, cuda, cuda:N, mps, xpu or xpu:N"),
+    "device": Rule(str, pattern=r"auto|cpu|mps|(cuda|xpu)(:\d+)?",
+                   words="auto, cpu, cuda, cuda:N, mps, xpu or xpu:N"),
     "threads": _int(0, "0: torch's default"),
     "n_train": _int(1),
     "n_val": _int(1),
@@ -199,7 +201,9 @@ OPTION_RULES: dict[str, Rule] = {
     "sample.temperature": _positive(),
     "sample.seed": _SEED,
     "sample.label": _int(0),
-    "demo.minutes": _positive(),
+    "demo.density_steps": _int(1),
+    "demo.image_steps": _int(1),
+    "demo.max_minutes": Rule(float, low=0, note="0: no limit"),
     "compare.minutes": _positive(),
     "compare.max_steps": _int(0, "0: the data set's default"),
     "compare.eval_n": _int(0, "0: all"),

@@ -56,7 +56,8 @@ class RunWriteError(OSError):
 
 
 #: The errors of the file system rather than of the input: a full disk, a read-only file system, ...
-FILESYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+FILESYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                     errno.EFBIG)
 
 
 def write_failure(error: OSError, run_dir: str | os.PathLike, started: bool = True) -> RunWriteError:

@@ -16,6 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from .rundir import RUN_DIRS, RUN_FILES, clear_run, last_checkpoint
 from .train import History, evaluate, fit, seed_from
 
 __all__ = [
+    "DEMO_STEPS",
     "RUN_DIRS",
     "RUN_FILES",
     "calibrate_steps",
@@ -194,11 +196,11 @@ def evaluate_run(path: str | Path, split: str = "test", batch_size: int | None =
                       device=run.config.device, classes=context_classes(run.config), objective=objective,
                       progress=f"eval {dataset.name} ({split})" if progress else "")
     result = {"data": dataset.name, "split": split, "weights": str(run.weights), **result}
-    if dataset.kind == "table":  # the floor: the full-covariance Gaussian of the training rows, same objective
+    if dataset.kind == "table":  # the floor: the training rows' full-covariance Gaussian, same objective
         from .data.tabular import gaussian_baseline
 
-        result.update(gaussian_baseline(dataset.train, data, objective, batch_size or run.config.eval_batch_size,
-                                        seed_from(run.config.seed, 4)))
+        size = batch_size or run.config.eval_batch_size
+        result.update(gaussian_baseline(dataset.train, data, objective, size, seed_from(run.config.seed, 4)))
     if dataset.info.get("standardised"):
         # x_std = (x - mean) / std has log|det| = -sum(log std), so log p(x) = log p(x_std) - sum(log std);
         # a dequantized grid column's bound is a code length of its discrete values, the same in any units
@@ -232,7 +234,8 @@ def describe_eval(result: dict) -> str:
     lines.append(f"  NLL          {result['nll']:.4f} +- {result['nll_stderr']:.4f} nats{space}{bound}")
     if "gaussian_nll" in result:
         lines.append(f"  Gaussian     {result['gaussian_nll']:.4f} +- {result['gaussian_nll_stderr']:.4f} "
-                     f"nats{space} (full-covariance Gaussian of the training rows, same objective: the floor)")
+                     f"nats{space} (full-covariance Gaussian of the training rows, same objective: "
+                     "the floor)")
     if "nll_original" in result:
         lines.append(f"  NLL          {result['nll_original']:.4f} +- {result['nll_original_stderr']:.4f} "
                      "nats "
@@ -289,7 +292,7 @@ def sample_run(path: str | Path, n: int = 64, temperature: float = 1.0, out: str
                 y = flow.sample(nrow, context=context, temperature=temperature).transpose(0, 1).flatten(0, 1)
                 what = f"one row per class 0..{classes - 1}, {nrow} samples each"
         target = Path(out) if out else run.run_dir / f"samples{suffix}.png"
-        written.append(plot.save_image_grid(target, quantize(y, dataset.levels), nrow=nrow,
+        written.append(plot.save_image_grid(target, quantize(y, int(dataset.levels or 0)), nrow=nrow,
                                             title=f"{dataset.name}: {what}, T={temperature:g}"))
         if interpolate:
             where = Path(out).with_name(Path(out).stem + "_interpolation.png") if out else None
@@ -320,7 +323,7 @@ def _interpolation(run: Run, dataset: Dataset, target: Path, pairs: int = 4, ste
     flow = run.flow
     k = min(2 * pairs, len(dataset.test.images))
     g = torch.Generator().manual_seed(run.config.seed)
-    y = dequantize(dataset.test.images[:k], dataset.levels, generator=g).to(flow.dtype)
+    y = dequantize(dataset.test.images[:k], int(dataset.levels or 0), generator=g).to(flow.dtype)
     classes = context_classes(run.config)
     # a conditional model: each image is encoded with its own label; the path interpolates the labels too
     c = _one_hot(dataset.test.labels[:k], classes, flow.dtype) if classes else None
@@ -332,7 +335,7 @@ def _interpolation(run: Run, dataset: Dataset, target: Path, pairs: int = 4, ste
             path = (1 - t) * z[i] + t * z[i + 1]
             cp = None if c is None else (1 - t.view(-1, 1)) * c[i] + t.view(-1, 1) * c[i + 1]
             rows.append(flow.transform.inverse(path, flow.embed_context(cp))[0])
-    images = quantize(torch.cat(rows), dataset.levels)
+    images = quantize(torch.cat(rows), int(dataset.levels or 0))
     return plot.save_image_grid(target, images, nrow=steps, title="latent interpolation between test images")
 
 
@@ -376,21 +379,36 @@ def calibrate_steps(config: TrainConfig, minutes: float, trial_steps: int = 15) 
     return max(50, int(60 * minutes / per_step))
 
 
-def demo(out: str | Path = "runs/demo", minutes: float = 3.0, density: str = "moons",
-         images: str = "digits") -> dict:
-    """Trains, evaluates, samples and plots a 2-D density then an image model; returns the results."""
+#: The demo's training length, in optimizer steps, per kind of data: fixed, so that its result does not
+#: depend on the machine's speed (about 3 minutes in all on 2 CPU cores of this project's machine).
+DEMO_STEPS = {"toy2d": 6000, "image": 3000}
+
+
+def demo(out: str | Path = "runs/demo", density: str = "moons", images: str = "digits",
+         density_steps: int = DEMO_STEPS["toy2d"], image_steps: int = DEMO_STEPS["image"],
+         max_minutes: float = 0.0) -> dict:
+    """Trains, evaluates, samples and plots a 2-D density then an image model; returns the results.
+
+    Each model trains for a fixed number of steps (:data:`DEMO_STEPS`), so the figures are the same on
+    a fast and a slow machine; the time it took is reported. ``max_minutes`` caps each training (then
+    the result depends on the machine, and the summary says so).
+    """
     out = Path(out)
-    results = {}
-    plan = [(density, 0.4 * minutes), (images, 0.6 * minutes)] if images else [(density, minutes)]
-    for data, budget in plan:
+    results: dict[str, dict[str, Any]] = {}
+    start = time.monotonic()
+    plan = [(density, density_steps)] + ([(images, image_steps)] if images else [])
+    for data, steps in plan:
         run_dir = out / data
-        config = resolve_config({}, {"data": data, "run_dir": str(run_dir)})
-        config.max_steps = test_budget() or calibrate_steps(config, budget * 0.9)
-        config.max_minutes = budget
-        config.patience = 0
+        config = resolve_config({}, {"data": data, "run_dir": str(run_dir), "patience": 0,
+                                     "max_steps": test_budget() or steps, "max_minutes": max_minutes})
         config.val_every = max(1, config.max_steps // 20)
-        say(f"\n== {data}: about {budget:.1f} min, {config.max_steps} steps ({config.recipe})")
+        say(f"\n== {data}: {config.max_steps} steps ({config.recipe})")
+        t0 = time.monotonic()
         history, dataset, _ = train_run(config, overwrite=True)
+        seconds = time.monotonic() - t0
+        if history.stop_reason == "time":
+            say(f"  note: --max-minutes stopped {data} at step {history.step} of {config.max_steps}: this "
+                "result depends on the machine's speed")
         result = eval_run(run_dir)
         say(describe_eval(result))
         files = sample_run(run_dir, n=1000 if dataset.event_shape == (2,) else 64)
@@ -398,18 +416,19 @@ def demo(out: str | Path = "runs/demo", minutes: float = 3.0, density: str = "mo
             files += sample_run(run_dir, n=64, temperature=0.7, interpolate=True)
         files.append(plot_run(run_dir))
         results[data] = {"eval": result, "stop_reason": history.stop_reason, "steps": history.step,
-                         "files": [str(f) for f in files]}
+                         "train_seconds": round(seconds, 1), "files": [str(f) for f in files]}
         entropy = dataset_entry(config).entropy
         h = entropy() if entropy is not None else None
         if h is not None:
             results[data]["true_entropy"] = h
             say(f"  (the true density's entropy, the best achievable NLL: {h:.4f} nats)")
-    (out / "summary.json").write_text(json.dumps(results, indent=1))
-    say(f"\n== demo results in {out}")
+    total = time.monotonic() - start
+    (out / "summary.json").write_text(json.dumps({**results, "wall_seconds": round(total, 1)}, indent=1))
+    say(f"\n== demo results in {out} ({total / 60:.1f} min)")
     for data, r in results.items():
         e = r["eval"]
         score = f"{e['bpd']:.4f} bits/dim" if "bpd" in e else f"{e['nll']:.4f} nats"
-        say(f"  {data}: test {score} after {r['steps']} steps")
+        say(f"  {data}: test {score} after {r['steps']} steps ({r['train_seconds']:.0f} s of training)")
         for f in r["files"]:
             say(f"    {f}")
     return results

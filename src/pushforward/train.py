@@ -12,7 +12,8 @@ It validates every epoch (or every ``val_every`` steps) with the same objective,
 validation weights (``best.safetensors``), stops early after ``patience`` validations without
 improvement, appends one metrics row per validation to ``metrics.jsonl`` / ``metrics.csv``, and writes a
 resumable checkpoint (see :mod:`pushforward.checkpoint`) after every validation, on Ctrl-C or SIGTERM
-(after finishing the step) and when the time budget runs out. A NaN or infinite loss, gradient or validation figure stops it
+(after finishing the step) and when the time budget runs out (the final validation counts inside
+it). A NaN or infinite loss, gradient or validation figure stops it
 (:class:`NonFiniteLossError`) without touching the last good checkpoint.
 
 Data-dependent layers (ActNorm) that are not yet initialised are initialised from the first
@@ -168,14 +169,16 @@ class _Data:
                 f"(integer images with levels), got {type(data).__name__}"
             )
         if self.x.dim() < 2 or len(self.x) == 0:
-            raise ValueError(f"training data needs shape (N, *event_shape) with N > 0, got {tuple(self.x.shape)}")
+            raise ValueError(f"training data needs shape (N, *event_shape) with N > 0, "
+                             f"got {tuple(self.x.shape)}")
         self.n = len(self.x)
         self.dims = math.prod(self.x.shape[1:])
         self.classes = classes
         self.labels: Tensor | None = None
         if classes:
             if not isinstance(data, ImageData):
-                raise ValueError("a class-conditional model (condition = 'label') needs data with labels (ImageData)")
+                raise ValueError("a class-conditional model (condition = 'label') needs data with labels "
+                                 "(ImageData)")
             self.labels = torch.as_tensor(data.labels).long()
             if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= classes):
                 raise ValueError(f"labels must lie in [0, {classes - 1}] for {classes} classes, got "
@@ -210,7 +213,8 @@ class _Data:
         return Batch(x.to(device), None if context is None else context.to(device), part, total)
 
     def get(self, index: Tensor | slice, seed: int, dtype: torch.dtype) -> Tensor:
-        """The examples at ``index`` as continuous data: images dequantized uniformly with noise seeded by ``seed``."""
+        """The examples at ``index`` as continuous data: images dequantized uniformly with noise seeded
+        by ``seed``."""
         if self.levels is None:
             return self.x[index].to(dtype)
         from .data import dequantize
@@ -233,8 +237,9 @@ def negative_log_likelihood(flow: nn.Module, x: Tensor, batch_size: int, device:
 
 
 def _progress(total: int, desc: str):
-    """A progress bar for a pass over data, shown only if the pass lasts over two seconds (``desc`` "": none)."""
-    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    """A progress bar for a pass over data, shown only once the pass has lasted two seconds (``desc``
+    "": none)."""
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="batch", delay=2.0, leave=False, mininterval=0.5,
                 dynamic_ncols=True, disable=not desc)
@@ -315,14 +320,16 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 1024, seed: int = 0,
         out: dict[str, Any] = {f"{prefix}nll": mean, f"{prefix}nll_stderr": stderr}
         if objective.levels is not None:
             bpd = (loss / d.dims + math.log(objective.levels)) / math.log(2)  # per example: the same formula
-            out[f"{prefix}bpd"], out[f"{prefix}bpd_stderr"] = objective.bits_per_dim(mean, d.dims), mean_and_stderr(bpd)[1]
+            out[f"{prefix}bpd"] = objective.bits_per_dim(mean, d.dims)
+            out[f"{prefix}bpd_stderr"] = mean_and_stderr(bpd)[1]
         if not prefix:
             for name, values in figures.items():
                 out[name], out[f"{name}_stderr"] = mean_and_stderr(values)
         return out
 
     out: dict[str, Any] = {"n": d.n, "dims": d.dims, "objective": objective.name}
-    out.update(summary("", _figures(model, objective, d, batch_size, seed_from(seed, 2), dev, progress=progress)))
+    out.update(summary("", _figures(model, objective, d, batch_size, seed_from(seed, 2), dev,
+                                    progress=progress)))
     if classes:
         out["conditional"] = f"-log p(x | label): one-hot label of {classes} classes as context"
     if objective.levels is not None:
@@ -334,8 +341,9 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 1024, seed: int = 0,
     out["eval_batch_size"] = batch_size  # the noise is seeded per chunk of this size
     if reconstruction and isinstance(model, Flow):
         x = d.get(slice(None), seed_from(seed, 2), model_dtype(model))
-        out["max_reconstruction_error"] = _reconstruction_error(model, x, d.context(slice(None), x.dtype), batch_size,
-                                                                dev, progress and f"{progress}: reconstruction")
+        context = d.context(slice(None), x.dtype)
+        out["max_reconstruction_error"] = _reconstruction_error(model, x, context, batch_size, dev,
+                                                                progress and f"{progress}: reconstruction")
     out["finite"] = all(math.isfinite(v) for v in out.values() if isinstance(v, float))
     return out
 
@@ -384,7 +392,8 @@ class _Interrupt:
             raise KeyboardInterrupt
         self.requested, self.first, self.signum = True, time.monotonic(), signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.say(f"interrupt received ({name}): finishing this step and saving a checkpoint ({name} again to abort)")
+        self.say(f"interrupt received ({name}): finishing this step and saving a checkpoint "
+                 f"({name} again to abort)")
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -445,7 +454,8 @@ class _State:
     def record(self, run: _Run) -> dict[str, Any]:
         """The JSON part of a checkpoint."""
         return {
-            "step": self.step, "epoch": self.step // run.steps_per_epoch, "steps_per_epoch": run.steps_per_epoch,
+            "step": self.step, "epoch": self.step // run.steps_per_epoch,
+            "steps_per_epoch": run.steps_per_epoch,
             "total_steps": run.total, "bad_validations": self.bad_validations, "accum": self.accum,
             "history": self.history.rows, "best_val_nll": self.history.best_val_nll,
             "best_step": self.history.best_step, "objective": repr(run.objective), "data": run.fingerprint,
@@ -463,7 +473,7 @@ class _Clock:
     start: float = field(default_factory=time.monotonic)
     since_val: list[float] = field(default_factory=lambda: [time.monotonic(), 0])  # (time, samples)
     window: list[float] = field(default_factory=lambda: [time.monotonic(), 0])
-    steps: int = 0  # timed optimizer steps: all but the first (one-off costs: the optimizer's set-up, compile)
+    steps: int = 0  # timed optimizer steps: all but the first (one-off costs: the optimizer, compile)
     examples: int = 0
     step_seconds: float = 0.0
     first: bool = True
@@ -504,19 +514,21 @@ class _Clock:
         return self.elapsed() + one_step + final > budget_s
 
 
-def _prepare(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, objective: Objective | None,
-             run_dir: str | Path | None) -> _Run:
+def _prepare(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig,
+             objective: Objective | None, run_dir: str | Path | None) -> _Run:
     """Checks everything and builds the optimizer; nothing is written yet."""
     check_config(config, recipe=False)  # every key in its range, also for a config built or changed in code
     out = Path(run_dir) if run_dir else (Path(config.run_dir) if config.run_dir else None)
     if out is not None and getattr(model, "recipe", None) is None:
-        raise ValueError("writing a run directory needs a recipe-built model (model.recipe set), so checkpoints can "
-                         "rebuild it; train in memory with run_dir=None and config.run_dir = ''")
+        raise ValueError("writing a run directory needs a recipe-built model (model.recipe set), so "
+                         "checkpoints can rebuild it; train in memory with run_dir=None and "
+                         "config.run_dir = ''")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     dist = setup_distributed(config.device)  # one process, or this rank of torchrun's group
     model.to(dist.device)
-    objective = objective if objective is not None else default_objective(model, train_data, config.dequantization)
+    if objective is None:
+        objective = default_objective(model, train_data, config.dequantization)
     objective.check(model)
     classes = context_classes(config)
     train, val = _Data(train_data, classes), _Data(val_data, classes)
@@ -530,8 +542,8 @@ def _prepare(model: nn.Module, train_data: Any, val_data: Any, config: TrainConf
     # fused: one kernel for all parameters (on CPU 5x faster than the per-tensor loop: ~15% of a small
     # flow's training step); the same update up to rounding
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    return _Run(model, objective, config, dist, train, val, out, bs, steps_per_epoch, total, params, optimizer,
-                model_dtype(model), train.fingerprint() if out is not None else {})
+    return _Run(model, objective, config, dist, train, val, out, bs, steps_per_epoch, total, params,
+                optimizer, model_dtype(model), train.fingerprint() if out is not None else {})
 
 
 def _lock(run: _Run) -> RunLock | None:
@@ -539,7 +551,8 @@ def _lock(run: _Run) -> RunLock | None:
     whether it could (:class:`~pushforward.rundir.RunInUseError` names the holder's PID)."""
     if run.out is None:
         return None
-    lock, error = None, None
+    lock: RunLock | None = None
+    error: OSError | None = None
     if run.dist.is_main:
         try:
             run.out.mkdir(parents=True, exist_ok=True)
@@ -550,7 +563,8 @@ def _lock(run: _Run) -> RunLock | None:
             error = write_failure(e, run.out, started=False) if e.errno in FILESYSTEM_ERRNOS else e
         else:
             if lock.stale:
-                print(f"note: {run.out} held a stale lock ({lock.stale}); taken over", file=sys.stderr, flush=True)
+                print(f"note: {run.out} held a stale lock ({lock.stale}); taken over", file=sys.stderr,
+                      flush=True)
     (failed,) = run.dist.any(error is not None)
     if error is not None:
         raise error
@@ -579,15 +593,18 @@ def _load_state(run: _Run, resume: bool, overwrite: bool) -> _State:
             raise FileNotFoundError(f"cannot resume: no checkpoint in {out}")
         record = load_checkpoint(out, run.model, run.optimizer)
         if record["steps_per_epoch"] != run.steps_per_epoch:
-            raise ValueError(f"cannot resume {out}: it ran {record['steps_per_epoch']} steps per epoch, this run has "
-                             f"{run.steps_per_epoch}; keep the data and batch_size of the original run")
+            raise ValueError(f"cannot resume {out}: it ran {record['steps_per_epoch']} steps per epoch, this "
+                             f"run has {run.steps_per_epoch}; keep the data and batch_size of the original "
+                             "run")
         if record.get("objective", repr(run.objective)) != repr(run.objective):
             raise ValueError(f"cannot resume {out}: it was trained with {record['objective']}, this run uses "
                              f"{run.objective!r}")
         if (changed := _data_changes(record.get("data"), run.fingerprint)):
-            raise ValueError(f"cannot resume {out}: its training data differ from the data given now ({changed}); "
-                             "resume with the data it was trained on, or start a new run in another directory")
-        state.step, state.bad_validations, state.accum = record["step"], record["bad_validations"], record["accum"]
+            raise ValueError(f"cannot resume {out}: its training data differ from the data given now "
+                             f"({changed}); resume with the data it was trained on, or start a new run in "
+                             "another directory")
+        state.step, state.bad_validations = record["step"], record["bad_validations"]
+        state.accum = record["accum"]
         h = state.history
         h.rows, h.best_val_nll, h.best_step = record["history"], record["best_val_nll"], record["best_step"]
         state.last_val_step = h.rows[-1]["step"] if h.rows else -1
@@ -597,8 +614,8 @@ def _load_state(run: _Run, resume: bool, overwrite: bool) -> _State:
             state.best_weights = load(out / "best.safetensors").state_dict()
     else:
         if has_checkpoint and not overwrite:
-            raise FileExistsError(f"{out} already holds a checkpoint; resume it (resume=True) or start afresh "
-                                  "(overwrite=True), or use another run_dir")
+            raise FileExistsError(f"{out} already holds a checkpoint; resume it (resume=True) or start "
+                                  "afresh (overwrite=True), or use another run_dir")
         torch.manual_seed(run.config.seed)
     return state
 
@@ -635,7 +652,8 @@ def _data_changes(recorded: dict[str, Any] | None, now: dict[str, Any]) -> str:
 
 
 class _Order:
-    """The global batch of each step: epoch ``e`` visits the data in a permutation seeded from ``(seed, e)``."""
+    """The global batch of each step: epoch ``e`` visits the data in a permutation seeded from
+    ``(seed, e)``."""
 
     def __init__(self, run: _Run):
         self.run, self.epoch, self.perm = run, -1, torch.empty(0, dtype=torch.long)
@@ -669,17 +687,20 @@ def _initialise(run: _Run, state: _State, order: _Order) -> None:
     pending = [m for m in data_dependent(run.model) if not bool(m.initialized)]
     if pending:
         batch, generator = order.batch(state.step)
-        initialize_layers(_FirstBatch(run.model, run.objective, batch, generator), batch.x, batch.context, pending)
+        first = _FirstBatch(run.model, run.objective, batch, generator)
+        initialize_layers(first, batch.x, batch.context, pending)
 
 
-def _optimizer_step(run: _Run, state: _State, loss_step: LossStep, batch: Batch, generator: torch.Generator) -> float:
+def _optimizer_step(run: _Run, state: _State, loss_step: LossStep, batch: Batch,
+                    generator: torch.Generator) -> float:
     """One update on ``batch``; returns the global batch's mean loss per example."""
     losses = loss_step(run.objective.loss, batch, generator)
     batch_loss = float(run.dist.all_sum(losses.detach().sum())) / batch.size  # global batch, every rank
     epoch = state.step // run.steps_per_epoch
     if not math.isfinite(batch_loss):
         raise NonFiniteLossError(
-            f"non-finite training loss ({batch_loss / run.train.dims}) at step {state.step + 1} (epoch {epoch})"
+            f"non-finite training loss ({batch_loss / run.train.dims}) at step {state.step + 1} "
+            f"(epoch {epoch})"
             f"{run.stopped_without_saving()}; try a lower lr or a smaller clip"
         )
     run.optimizer.zero_grad(set_to_none=True)
@@ -687,7 +708,8 @@ def _optimizer_step(run: _Run, state: _State, loss_step: LossStep, batch: Batch,
     if run.config.clip > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(run.params, run.config.clip)
     else:
-        gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.params if p.grad is not None]))
+        norms = [p.grad.norm() for p in run.params if p.grad is not None]
+        gnorm = torch.linalg.vector_norm(torch.stack(norms))
     if not bool(torch.isfinite(gnorm)):
         raise NonFiniteLossError(
             f"non-finite gradient norm at step {state.step + 1} (epoch {epoch}){run.stopped_without_saving()}"
@@ -732,18 +754,20 @@ def _validation_figures(run: _Run) -> dict[str, float]:
     # knows the names of the figures and takes part in the sum
     chunks, weight = (range(mine.start, mine.stop), 1.0) if mine.stop > mine.start else (range(1), 0.0)
     label = "validation" if run.config.progress and run.dist.is_main else ""
-    figures = _figures(run.model, run.objective, run.val, size, seed_from(run.config.seed, 1), run.device, chunks,
-                       progress=label)
+    figures = _figures(run.model, run.objective, run.val, size, seed_from(run.config.seed, 1), run.device,
+                       chunks, progress=label)
     sums = run.dist.all_sum(torch.stack([v.sum() * weight for v in figures.values()]))
     return {name: float(s) / run.val.n for name, s in zip(figures, sums)}
 
 
 def _validate(run: _Run, state: _State, clock: _Clock) -> dict[str, Any]:
-    """Validates, appends the metrics row, keeps the best weights and counts validations without improvement."""
+    """Validates, appends the metrics row, keeps the best weights and counts validations without
+    improvement."""
     figures = _validation_figures(run)
     nll = figures.pop("loss")
     if not math.isfinite(nll):
-        raise NonFiniteLossError(f"validation NLL is {nll} after step {state.step}{run.stopped_without_saving()}")
+        raise NonFiniteLossError(f"validation NLL is {nll} after step {state.step}"
+                                 f"{run.stopped_without_saving()}")
     acc, h = state.accum, state.history
     row: dict[str, Any] = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4)}
     row["train_nll"] = acc["nll_sum"] / max(1, acc["count"])
@@ -832,8 +856,9 @@ def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say
         # the final validation and checkpoint count inside the budget: stop when they would not fit
         if config.max_minutes > 0 and clock.val_seconds is None and clock.val_probe is None:
             clock.val_probe = _time_validation(run)
+        just_validated = state.last_val_step == state.step
         out_of_time = (config.max_minutes > 0 and state.step < run.total
-                       and clock.out_of_time(60 * config.max_minutes, run.val.n, state.last_val_step == state.step))
+                       and clock.out_of_time(60 * config.max_minutes, run.val.n, just_validated))
         # any rank's Ctrl-C or clock stops every rank at this same step
         # (a signal handled while the ranks compare notes sets `requested` for the next step: the result
         # must not overwrite it, or that signal is lost)
@@ -843,8 +868,9 @@ def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say
         if out_of_time:
             left = 60 * config.max_minutes - clock.elapsed()
             if state.last_val_step != state.step:
-                say(f"time budget: {max(0.0, left):.1f} s left at step {state.step}; validating {run.val.n} examples "
-                    f"and saving (about {clock.final_pass(run.val.n):.1f} s) to end within --max-minutes")
+                say(f"time budget: {max(0.0, left):.1f} s left at step {state.step}; validating "
+                    f"{run.val.n} examples and saving (about {clock.final_pass(run.val.n):.1f} s) to end "
+                    "within --max-minutes")
                 validate_and_save()  # (a step validated just now was saved with it)
             return "time"
     return "completed"
@@ -903,7 +929,7 @@ def fit(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig | 
 def _fit(run: _Run, resume: bool, overwrite: bool, callback: Callable[[int, float, nn.Module], None] | None
          ) -> History:
     """:func:`fit` once the run is prepared and its directory locked: validate, then act."""
-    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    from tqdm.auto import tqdm
 
     config, model = run.config, run.model
     state = _load_state(run, resume, overwrite)
