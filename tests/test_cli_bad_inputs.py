@@ -333,6 +333,10 @@ BAD_VALUES = [
                               "--set", "dequantizer.layers=0", *OVER], 2, ["dequantizer.layers", ">= 1"]),
     ("condition on 2-D", [*TRAIN, "--condition", "label"], 2, ["labelled data", "moons"]),
     ("condition nope", [*TRAIN, "--condition", "nope"], 2, ["--condition", "'nope'", "label"]),
+    ("recipe dequantized", [*TRAIN, "--recipe", "dequantized"], 2,
+     ["'dequantized'", "does not model data on its own", "--dequantization variational"]),
+    ("run-dir is a file", ["train", "--data", "moons", *TINY, "--run-dir", "{tmp}/file"], 2,
+     ["is a file, not a directory"]),
     ("data nosuch", ["train", "--data", "nosuch", *OVER], 2, ["unknown dataset", "'nosuch'", "moons"]),
     ("data missing.csv", ["train", "--data", "missing.csv", *OVER], 2, ["missing.csv"]),
     # eval, sample, plot of the existing run
@@ -379,6 +383,7 @@ def _config_file(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize("argv, code, words", [case[1:] for case in BAD_VALUES],
                          ids=[c[0] for c in BAD_VALUES])
 def test_bad_values_are_named_at_parse_time(trained, tmp_path, capsys, argv, code, words):
+    (tmp_path / "file").write_text("not a directory")
     argv = [str(a).replace(RUN, str(trained)).replace("{tmp}", str(tmp_path)) for a in argv]
     expect(argv, capsys, code, *words, existing=trained)
 
@@ -491,6 +496,14 @@ def test_a_flipped_bit_is_an_error_on_every_path(existing, tmp_path, capsys, tar
     _flip_last_byte(existing / target)
     argv = [str(a).replace(RUN, str(existing)).replace("{tmp}", str(tmp_path)) for a in argv]
     expect(argv, capsys, 2, *words, existing=existing)
+
+
+def test_a_garbled_run_record_is_named(existing, capsys):
+    (existing / "config.json").write_text("{not json")
+    expect(["eval", existing], capsys, 2, "config.json", "corrupted", existing=existing)
+    (existing / "checkpoint" / "state.json").write_text("{not json")
+    expect(["train", "--resume", "--run-dir", existing], capsys, 2, "state.json", "corrupted", "not valid JSON",
+           existing=existing)
 
 
 def test_a_changed_architecture_record_is_an_error(existing, capsys):

@@ -187,6 +187,11 @@ def check_config(config: TrainConfig, recipe: bool = True) -> TrainConfig:
     except ValueError:
         entry = None  # reported when the data are loaded
     params = _params(config.recipe) if config.recipe in _recipes() else {}
+    if params and not {"features", "shape", "event_shape"} & set(params):
+        data_recipes = [r for r in _recipes() if {"features", "shape", "event_shape"} & set(_params(r))]
+        hint = "; for a variational dequantizer use --dequantization variational" if "flow" in params else ""
+        raise ValueError(f"recipe {config.recipe!r} does not model data on its own{hint}; the recipes: "
+                         f"{', '.join(data_recipes)}")
     if entry is not None and (("shape" in params and entry.kind != "image")
                               or ("features" in params and entry.kind == "image")):
         want = "shape" if entry.kind == "image" else "features"

@@ -96,7 +96,13 @@ class Run:
 def _find_config(start: Path) -> dict | None:
     for d in (start, *start.parents[:2]):
         if (d / "config.json").exists():
-            return json.loads((d / "config.json").read_text())["train"]
+            try:
+                values = json.loads((d / "config.json").read_text())["train"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{d / 'config.json'} is corrupted: not the JSON record of a run ({e})") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{d / 'config.json'} is corrupted: its 'train' entry is not a table")
+            return values
         if (d / JSON_FILE).exists():
             return read_state(d)["train_config"]
     return None

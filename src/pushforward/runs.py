@@ -134,6 +134,8 @@ def train_run(config: TrainConfig, resume: bool = False, overwrite: bool = False
     directory that holds a run is an error that says how to continue it.
     """
     run_dir = Path(config.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--run-dir {run_dir} is a file, not a directory")
     if not resume and not overwrite and (checkpoint_dir(run_dir) / JSON_FILE).exists():
         step = read_state(run_dir).get("step")
         raise FileExistsError(
