@@ -502,8 +502,8 @@ def test_a_garbled_run_record_is_named(existing, capsys):
     (existing / "config.json").write_text("{not json")
     expect(["eval", existing], capsys, 2, "config.json", "corrupted", existing=existing)
     (existing / "checkpoint" / "state.json").write_text("{not json")
-    expect(["train", "--resume", "--run-dir", existing], capsys, 2, "state.json", "corrupted", "not valid JSON",
-           existing=existing)
+    expect(["train", "--resume", "--run-dir", existing], capsys, 2, "state.json", "corrupted",
+           "not valid JSON", existing=existing)
 
 
 def test_a_changed_architecture_record_is_an_error(existing, capsys):

@@ -99,7 +99,8 @@ def _find_config(start: Path) -> dict | None:
             try:
                 values = json.loads((d / "config.json").read_text())["train"]
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{d / 'config.json'} is corrupted: not the JSON record of a run ({e})") from None
+                raise ValueError(f"{d / 'config.json'} is corrupted: not the JSON record of a run "
+                                 f"({e})") from None
             if not isinstance(values, dict):
                 raise ValueError(f"{d / 'config.json'} is corrupted: its 'train' entry is not a table")
             return values
