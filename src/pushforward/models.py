@@ -9,7 +9,6 @@ Every recipe records its name and arguments in ``flow.recipe`` so that :func:`bu
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from .core import Compose, Flow, Inverse, Transform
 from .distributions import StandardNormal
 from .nn import MADE, MLP, ConvNet, ResNet
+from .recipes import RECIPES, recipe
 from .transforms import (
     ActNorm,
     AdditiveKernel,
@@ -42,32 +42,18 @@ from .transforms import (
 __all__ = ["RECIPES", "build", "dequantized", "gaussian", "glow", "iaf", "maf", "nice", "nsf", "realnvp",
            "realnvp_image", "SoftClippedInputs", "tabular"]
 
-RECIPES: dict[str, Callable[..., Flow]] = {}
+def build(record: dict) -> Flow:
+    """Rebuilds a model from its ``model.recipe`` record (``{"recipe": name, "kwargs": {...}}``).
 
+    Every recipe is registered once this module is imported (the VAE's too).
 
-def recipe(fn: Callable[..., Flow]) -> Callable[..., Flow]:
-    """Registers ``fn`` and records its bound arguments in ``flow.recipe``."""
-    signature = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs) -> Flow:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        flow = fn(*bound.args, **bound.kwargs)
-        arguments = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
-        flow.recipe = {"recipe": fn.__name__, "kwargs": arguments}
-        return flow
-
-    RECIPES[fn.__name__] = wrapper
-    return wrapper
-
-
-def build(recipe: dict) -> Flow:
-    """Rebuilds a flow from its ``flow.recipe`` (``{"recipe": name, "kwargs": {...}}``)."""
-    name = recipe.get("recipe")
+    Raises:
+        ValueError: If the recipe name is unknown (the message lists the known ones).
+    """
+    name = record.get("recipe")
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
-    return RECIPES[name](**recipe.get("kwargs", {}))
+    return RECIPES[name](**record.get("kwargs", {}))
 
 
 _VECTOR_MASKS = {"half": HalfMask, "alternating": AlternatingMask}

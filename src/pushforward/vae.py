@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import validation_enabled
-from .models import recipe
 from .nn import MLP, ResNet
+from .recipes import recipe
 from .transforms import Logit
 
 __all__ = ["VAE", "default_latent", "default_levels", "vae"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .registry import Dataset, register
 
@@ -37,14 +37,14 @@ TOY_HELP = {
 }
 
 # 20000 points, 39 steps per epoch: ~1200 steps, about a minute
-TOY = {
+TOY: dict[str, Any] = {
     "settings": {"batch_size": 512, "lr": 2e-3, "epochs": 30, "warmup_steps": 100, "patience": 10,
                  "threads": 1},
     "recipe": "realnvp",
     "models": {"realnvp": {"layers": 8, "hidden": [128, 128]}, "nice": {"layers": 8, "hidden": [128, 128]}},
 }
 # MNIST-sized images, ~3 minutes per epoch on 2 cores
-IDX_IMAGES = {
+IDX_IMAGES: dict[str, Any] = {
     "settings": {"batch_size": 64, "lr": 1e-3, "epochs": 5, "warmup_steps": 500, "patience": 3,
                  "eval_batch_size": 500},
     "recipe": "glow",

@@ -41,7 +41,8 @@ class Linear(Transform):
         features: ``D``.
 
     References:
-        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.2.
+        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods",
+        2020, section 3.2.
     """
 
     def __init__(self, features: int):
@@ -74,7 +75,8 @@ class Triangular(Transform):
         upper: upper instead of lower triangular.
 
     References:
-        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.2.
+        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods",
+        2020, section 3.2.
     """
 
     def __init__(self, features: int, upper: bool = False):
@@ -221,8 +223,12 @@ class Permutation(Transform):
             ``(*, C, H, W)`` images (permutes channels).
 
     References:
-        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods", 2020, section 3.2 (permutations between coupling layers: Dinh et al., "NICE", 2015).
+        Kobyzev, Prince & Brubaker, "Normalizing Flows: An Introduction and Review of Current Methods",
+        2020, section 3.2 (permutations between coupling layers: Dinh et al., "NICE", 2015).
     """
+
+    permutation: Tensor
+    inverse_permutation: Tensor
 
     def __init__(self, permutation: Tensor | list[int], event_dim: int = 1):
         super().__init__()
@@ -279,6 +285,11 @@ class LULinear(Transform):
     References:
         Kingma & Dhariwal, "Glow", 2018, section 3.2 (LU-decomposed parameterisation).
     """
+
+    p: Tensor
+    sign_s: Tensor
+    _lower_mask: Tensor
+    _eye: Tensor
 
     event_dim = 1
 
