@@ -159,6 +159,12 @@ class _Zuko:
         return Wrapped(flow)
 
 
+def _trained(result: dict, history) -> dict:
+    """The row entries of a trained method: test NLL +- s.e. and how its training ended."""
+    return {"nll": result["nll"], "stderr": result["nll_stderr"], "steps": history.step,
+            "best_step": history.best_step, "stop": history.stop_reason}
+
+
 def run_one(job: tuple[str, str, str, float, str]) -> dict:
     """Trains and scores one method on one table; returns its figures."""
     name, method, data_dir, budget, work = job
@@ -191,14 +197,7 @@ def run_one(job: tuple[str, str, str, float, str]) -> dict:
         model = build_flow(config, dataset)
         _fit_budget(config, model, run_objective(config, model, dataset), dataset, budget)
         history, dataset, _ = train_run(config, overwrite=True)
-        result = eval_run(folder / method)
-        row.update(
-            nll=result["nll"],
-            stderr=result["nll_stderr"],
-            steps=history.step,
-            best_step=history.best_step,
-            stop=history.stop_reason,
-        )
+        row.update(_trained(eval_run(folder / method), history))
     else:
         objective = table_objective(config, dataset)
         if method == "gaussian":
@@ -223,13 +222,7 @@ def run_one(job: tuple[str, str, str, float, str]) -> dict:
                 reconstruction=False,
                 objective=objective,
             )
-            row.update(
-                nll=result["nll"],
-                stderr=result["nll_stderr"],
-                steps=history.step,
-                best_step=history.best_step,
-                stop=history.stop_reason,
-            )
+            row.update(_trained(result, history))
     row["cpu_s"] = round(time.process_time() - start, 1)
     row["grid_columns"] = len(
         dataset.info.get("grid_columns", []) or [h for h in dataset.info.get("grid_steps", []) if h > 0]

@@ -11,6 +11,7 @@ variables formula ``log p(x) = log p_z(f(x)) + log|det Df(x)|``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import warnings
@@ -33,6 +34,7 @@ __all__ = [
     "Transform",
     "conditioners",
     "context_features",
+    "model_dtype",
     "set_validation",
     "shape_checks_enabled",
     "sum_event",
@@ -103,6 +105,17 @@ def sum_event(x: Tensor, event_dim: int) -> Tensor:
     if event_dim == 1:
         return x.sum(-1)
     return x.sum(dim=tuple(range(-event_dim, 0)))
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating-point dtype of ``model``: that of its first floating parameter (or buffer).
+
+    Returns torch's default dtype when the model holds no floating tensor.
+    """
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
 
 
 def context_features(module: nn.Module) -> int:
@@ -359,13 +372,8 @@ class Flow(nn.Module):
     # -- helpers -----------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        """The flow's floating-point dtype: that of its first parameter (or floating buffer)."""
-        for p in self.parameters():
-            return p.dtype
-        for b in self.buffers():
-            if b.is_floating_point():
-                return b.dtype
-        return torch.get_default_dtype()
+        """The flow's floating-point dtype: that of its first floating parameter (or buffer)."""
+        return model_dtype(self)
 
     def _context_width(self) -> tuple[bool, int | None]:
         """``(conditional, width)`` of the context users pass (before the embedding).
@@ -537,8 +545,8 @@ class Flow(nn.Module):
         The log-density is the model's (temperature 1) density at the exact preimage ``f^{-1}(z)`` of
         each drawn latent ``z``, of which the returned sample is the rounding:
         ``log p_z(z) - log|det Df^{-1}(z)|``. Where the flow is invertible at its precision this is
-        :meth:`log_prob` of the returned sample up to rounding. When sampling without grad with
-        validation on (the default), one extra forward pass without grad checks this and warns
+        :meth:`log_prob` of the returned sample up to rounding. With validation on (the default; with
+        or without grad), one extra forward pass, run without grad, checks this and warns
         (:class:`InvertibilityWarning`) about samples where it is not: a flow whose inverse sends some
         latents to huge values (typically one trained on unstandardised data) has a density that one
         rounding of ``x`` changes by many nats. The check costs that forward pass (about as much as the
@@ -633,13 +641,14 @@ class FlowDistribution(Distribution):
         current = _tensors(self.flow)
         if current.keys() == self._held.keys() and all(current[k] is t for k, t in self._held.items()):
             return getattr(self.flow, method)(*args)
-        for k, t in self._held.items():
-            now = current.get(k)
-            if now is None or (now.shape, now.dtype, now.device) != (t.shape, t.dtype, t.device) \
-                    or current.keys() != self._held.keys():
-                raise RuntimeError(
-                    "this distribution view was made before the flow's layers, dtype or device changed "
-                    f"(first difference: {k!r}); make a new view with flow(context)")
+        changed = next((k for k in current.keys() ^ self._held.keys()), None)
+        changed = changed or next((k for k, t in self._held.items()
+                                   if (current[k].shape, current[k].dtype, current[k].device)
+                                   != (t.shape, t.dtype, t.device)), None)
+        if changed is not None:
+            raise RuntimeError(
+                "this distribution view was made before the flow's layers, dtype or device changed "
+                f"(first difference: {changed!r}); make a new view with flow(context)")
         held = {f"flow.{k}": t for k, t in self._held.items()}
         return torch.func.functional_call(_Method(self.flow), held, (method, *args), tie_weights=True)
 

@@ -48,6 +48,7 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor, nn
 
+from .core import model_dtype
 from .metrics import bits_per_dim
 
 __all__ = [
@@ -114,14 +115,6 @@ class Dequantized(Protocol):
     """What :class:`VariationalDequantization` needs of a model: ``dequantizer(x, dtype) -> (y, log_q)``."""
 
     dequantizer: Callable[[Tensor, torch.dtype], tuple[Tensor, Tensor]]
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating-point dtype of ``model``: that of its first floating parameter (or buffer)."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return torch.get_default_dtype()
 
 
 @contextlib.contextmanager
@@ -250,7 +243,31 @@ class ELBO(Objective):
         return f"ELBO(k={self.k})"
 
 
-class UniformDequantization(Objective):
+class _Dequantization(Objective):
+    """An objective that makes discrete data continuous, ``y``, and scores ``y`` with ``objective``.
+
+    Holds the wrapped continuous objective (default :class:`NLL`), names itself after it and asks it
+    what the model needs. Subclasses set ``kind`` and implement ``loss``.
+    """
+
+    is_bound = True
+    kind: str = "dequantization"
+
+    def __init__(self, objective: Objective | None = None):
+        self.objective = objective if objective is not None else NLL()
+        self.name = f"{self.kind}({self.objective.name})"
+
+    def check(self, model: nn.Module) -> None:
+        self.objective.check(model)
+
+
+def _grey_levels(who: str, levels: int) -> int:
+    if levels < 2:
+        raise ValueError(f"{who} needs levels >= 2, got {levels}")
+    return levels
+
+
+class UniformDequantization(_Dequantization):
     """The uniform-dequantization bound on discrete images: ``objective`` on ``y = (x + u) / levels``.
 
     ``u ~ U[0, 1)^D`` is drawn afresh for every batch (float32, from ``generator``; ``y`` is then cast
@@ -266,15 +283,12 @@ class UniformDequantization(Objective):
         Theis, van den Oord & Bethge, "A note on the evaluation of generative models", 2016.
     """
 
-    is_bound = True
+    kind = "uniform_dequantization"
     levels: int
 
     def __init__(self, levels: int, objective: Objective | None = None):
-        if levels < 2:
-            raise ValueError(f"UniformDequantization needs levels >= 2, got {levels}")
-        self.levels = levels
-        self.objective = objective if objective is not None else NLL()
-        self.name = f"uniform_dequantization({self.objective.name})"
+        super().__init__(objective)
+        self.levels = _grey_levels("UniformDequantization", levels)
 
     def dequantize(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Batch:
         """The batch with ``x`` replaced by ``y = (x + u) / levels`` in ``[0, 1)``, in the model's dtype."""
@@ -292,9 +306,6 @@ class UniformDequantization(Objective):
     def evaluate(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Tensor]:
         return self.objective.evaluate(model, self.dequantize(model, batch, generator), generator)
 
-    def check(self, model: nn.Module) -> None:
-        self.objective.check(model)
-
     def describe(self) -> dict[str, Any]:
         return {"dequantization": "uniform", **self.objective.describe()}
 
@@ -302,7 +313,7 @@ class UniformDequantization(Objective):
         return f"UniformDequantization(levels={self.levels}, objective={self.objective!r})"
 
 
-class VariationalDequantization(Objective):
+class VariationalDequantization(_Dequantization):
     """The variational-dequantization bound (Flow++): ``objective(y) + log q(u | x)`` with ``u ~ q(u | x)``.
 
     ``q`` is the model's own dequantizer, ``(y, log_q) = model.dequantizer(x, dtype)``
@@ -319,15 +330,12 @@ class VariationalDequantization(Objective):
         Ho, Chen, Srinivas, Duan & Abbeel, "Flow++", 2019, section 3.1.
     """
 
-    is_bound = True
+    kind = "variational_dequantization"
     levels: int
 
     def __init__(self, levels: int, objective: Objective | None = None):
-        if levels < 2:
-            raise ValueError(f"VariationalDequantization needs levels >= 2, got {levels}")
-        self.levels = levels
-        self.objective = objective if objective is not None else NLL()
-        self.name = f"variational_dequantization({self.objective.name})"
+        super().__init__(objective)
+        self.levels = _grey_levels("VariationalDequantization", levels)
 
     def dequantize(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> tuple[Batch, Tensor]:
         """Draws ``u ~ q(u | x)``; returns ``(batch, log q(u | x))``.
@@ -353,7 +361,7 @@ class VariationalDequantization(Objective):
         if not isinstance(getattr(model, "dequantizer", None), nn.Module):
             raise TypeError(f"{self!r} needs a model with a dequantizer q(u | x) "
                             f"(pushforward.models.dequantized), got a {type(model).__name__} without one")
-        self.objective.check(model)
+        super().check(model)
 
     def describe(self) -> dict[str, Any]:
         return {"dequantization": "variational", **self.objective.describe()}
@@ -366,7 +374,7 @@ class VariationalDequantization(Objective):
         return f"VariationalDequantization(levels={self.levels}, objective={self.objective!r})"
 
 
-class ColumnDequantization(Objective):
+class ColumnDequantization(_Dequantization):
     """The bound on a table with (some or all) columns on a grid: ``objective`` on ``y = x + (u - 1/2) h``.
 
     ``h`` is each column's grid step (``0``: a continuous column, left as it is) and ``u ~ U[0, 1)``
@@ -386,19 +394,18 @@ class ColumnDequantization(Objective):
         Theis, van den Oord & Bethge, "A note on the evaluation of generative models", 2016.
     """
 
-    is_bound = True
+    kind = "column_dequantization"
 
     def __init__(self, steps: Any, objective: Objective | None = None, columns: list[str] | None = None):
+        super().__init__(objective)
         steps_ = torch.as_tensor(steps, dtype=torch.float64).flatten()
         valid = bool((steps_ >= 0).all()) and bool(torch.isfinite(steps_).all()) and bool((steps_ > 0).any())
         if not valid:
             raise ValueError(f"ColumnDequantization needs finite non-negative grid steps, at least one "
                              f"positive; got {steps_.tolist()}")
         self.steps = steps_
-        self.objective = objective if objective is not None else NLL()
         self.columns = columns or [f"x{j}" for j in range(len(steps_))]
         self.log_volume = float(steps_[steps_ > 0].log().sum())
-        self.name = f"column_dequantization({self.objective.name})"
 
     @property
     def grid_columns(self) -> list[str]:
@@ -423,8 +430,6 @@ class ColumnDequantization(Objective):
         figures = self.objective.evaluate(model, self.dequantize(model, batch, generator), generator)
         return {**figures, "loss": figures["loss"] - self.log_volume}
 
-    def check(self, model: nn.Module) -> None:
-        self.objective.check(model)
 
     def describe(self) -> dict[str, Any]:
         return {"dequantization": "uniform noise of one grid step on the grid columns",
