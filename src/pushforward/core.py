@@ -387,13 +387,15 @@ class Flow(nn.Module):
         return True, getattr(self.embedding, "in_features", None)
 
     def _check_context(self, context: Tensor | None, batch: torch.Size | None, what: str) -> None:
-        """Checks ``context`` against what the flow's layers read (shape checks; values if enabled)."""
-        conditional, width = self._context_width()
+        """Checks a given ``context`` against what the flow's layers read (shapes; values if enabled).
+
+        A missing context is left to the conditioners, which name the width they were built for: the
+        walk over the modules that finds the width costs ~90 us per call on an 8-layer realnvp (5% of
+        its log_prob), too much for the unconditional flows that every call would pay it for.
+        """
         if context is None:
-            if conditional:
-                raise ValueError(f"{what}: this flow is conditional and needs a context of shape (*batch, "
-                                 f"{width if width is not None else 'context_features'}); got none")
             return
+        conditional, width = self._context_width()
         if not isinstance(context, Tensor):
             raise TypeError(f"{what}: context must be a torch.Tensor, got {type(context).__name__}")
         if not conditional:
