@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import registry_continuous
+import registry_neural
+import registry_transformer
+import registry_variational
 import torch
+from registry_types import Case
 from torch import nn
 
 from pushforward import Compose, Inverse, models
@@ -42,35 +46,6 @@ from pushforward.transforms import (
     Unsqueeze,
     UpperTriangular,
 )
-
-
-@dataclass
-class Case:
-    build: Callable[[], torch.nn.Module]
-    shape: tuple[int, ...]
-    context: int = 0  # context features, 0 = none
-    unit_interval: bool = False  # inputs must lie in (0, 1)
-
-    def data(self, n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        g = torch.Generator().manual_seed(seed)
-        if self.unit_interval:
-            x = torch.rand(n, *self.shape, generator=g, dtype=torch.float64) * 0.9 + 0.05
-        else:
-            x = torch.randn(n, *self.shape, generator=g, dtype=torch.float64)
-        c = torch.randn(n, self.context, generator=g, dtype=torch.float64) if self.context else None
-        return x, c
-
-    def make(self, seed: int = 0) -> torch.nn.Module:
-        """Builds, initialises on data, and perturbs all parameters (deterministically)."""
-        torch.manual_seed(seed)
-        t = self.build().double()
-        x, c = self.data(8, seed=seed + 100)
-        with torch.no_grad():
-            t(x, c)  # ActNorm data-dependent initialisation
-            g = torch.Generator().manual_seed(seed + 1)
-            for p in t.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        return t
 
 
 class CausalLinear(nn.Module):
@@ -240,3 +215,15 @@ CASES: dict[str, Case] = {
         (1, 4, 4), context=3, unit_interval=True,
     ),
 }
+
+# the families added after the lecture, one file each (their cases and small recipe instances)
+for _family in (registry_transformer, registry_continuous, registry_neural, registry_variational):
+    _clash = CASES.keys() & _family.CASES.keys()
+    assert not _clash, f"registry names used twice: {_clash}"
+    CASES.update(_family.CASES)
+
+FAMILY_RECIPES: dict[str, Callable] = {}  # small instances of the families' recipes (test_io_dtype)
+FAMILY_COMPILE: dict[str, Callable] = {}  # the ones that compile with fullgraph (test_compile)
+for _family in (registry_transformer, registry_continuous, registry_neural, registry_variational):
+    FAMILY_RECIPES.update(_family.RECIPES)
+    FAMILY_COMPILE.update(_family.COMPILE)

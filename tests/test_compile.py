@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from registry import FAMILY_COMPILE
 
 from pushforward import models
 
@@ -21,6 +22,7 @@ RECIPES = {
     "iaf": lambda: models.iaf(4, layers=2, hidden=(8,)),
     "nsf": lambda: models.nsf(4, layers=2, hidden=(8,)),
     "nsf_autoregressive": lambda: models.nsf(4, layers=2, hidden=(8,), autoregressive=True),
+    **FAMILY_COMPILE,  # the later families (tests/registry_*.py)
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from registry import FAMILY_RECIPES
 
 import pushforward as pf
 from pushforward import models
@@ -25,6 +26,7 @@ BUILDERS = {
     "vae": lambda: models.RECIPES["vae"]((4,), latent=2, hidden=(8,)),
     "gaussian": lambda: models.gaussian(3),
     "tabular": lambda: models.tabular(3, layers=2, hidden=(8,), bins=4, context_features=3),
+    **FAMILY_RECIPES,  # the later families (tests/registry_*.py)
 }
 DTYPES = [torch.float32, torch.float64]
 

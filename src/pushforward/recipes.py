@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["RECIPES", "recipe"]
+__all__ = ["RECIPES", "build", "recipe"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -47,3 +47,19 @@ def recipe(fn: Callable[..., M]) -> Callable[..., M]:
 
     RECIPES[fn.__name__] = wrapper
     return wrapper
+
+
+def build(record: dict) -> Any:
+    """Rebuilds a model from its ``model.recipe`` record (``{"recipe": name, "kwargs": {...}}``).
+
+    Every recipe of the library is registered first (importing :mod:`pushforward.models` does that).
+
+    Raises:
+        ValueError: If the recipe name is unknown (the message lists the known ones).
+    """
+    from . import models  # noqa: F401  registers every recipe
+
+    name = record.get("recipe")
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name](**record.get("kwargs", {}))

@@ -1,0 +1,5 @@
+"""Recipes of the transformer family (see the package docstring)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
