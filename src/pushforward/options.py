@@ -173,6 +173,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "clip": Rule(float, low=0, note="0: no clipping"),
     "patience": _int(0, "0: never stop early"),
     "val_every": _int(-1, "0: once per epoch; -1: sized to the table, for tables"),
+    "val_at_start": Rule(bool),
     "seed": _SEED,
     "run_dir": Rule(str),
     "device": Rule(str, pattern=r"auto|cpu|mps|(cuda|xpu)(:\d+)?",

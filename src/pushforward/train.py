@@ -833,6 +833,8 @@ def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say
         say(f"step {state.step}: val NLL {row['val_nll']:.4f}{bpd}" + (" *" if row["best"] else ""))
         return row
 
+    if config.val_at_start and state.step == 0 and state.last_val_step < 0:
+        validate_and_save()  # the starting weights are a candidate for the best ones
     while state.step < run.total:
         batch, generator = order.batch(state.step)
         t0 = time.monotonic()
