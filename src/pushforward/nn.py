@@ -9,14 +9,16 @@ three widths.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MADE", "MLP", "ConvNet", "ResNet"]
+__all__ = ["MADE", "MLP", "CausalTransformer", "ConvNet", "KVCache", "ResNet", "ViT",
+           "classifier_free_guidance"]
 
 _Layer = TypeVar("_Layer", nn.Linear, nn.Conv2d)
 
@@ -294,3 +296,263 @@ class MADE(nn.Module):
                              "got none")
         h = self.net[0](x) + self.context(context)
         return self.net[1:](h)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformers over token sequences (image patches): TarFlow's causal conditioner and Jet's ViT.
+# --------------------------------------------------------------------------------------------
+class KVCache:
+    """Keys and values of the tokens a :class:`CausalTransformer` has seen, for decoding token by token.
+
+    Made by :meth:`CausalTransformer.new_cache` for one sequential inverse and dropped after it (nothing
+    is kept between calls, so nothing can go stale). ``length`` counts the tokens seen; ``layers[i]``
+    holds layer ``i``'s keys and values, each ``(B, heads, length, width / heads)``.
+    """
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.layers: list[list[Tensor]] = []
+
+    def layer(self, i: int) -> list[Tensor]:
+        while len(self.layers) <= i:
+            self.layers.append([])
+        return self.layers[i]
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention through :func:`torch.nn.functional.scaled_dot_product_attention`."""
+
+    def __init__(self, width: int, heads: int, causal: bool):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"the width {width} must be divisible by the number of heads {heads}")
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, h: Tensor, cache: list[Tensor] | None = None) -> Tensor:
+        b, n, w = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is not None:  # the new token attends to every token seen before and to itself
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=-2), torch.cat([cache[1], v], dim=-2)
+            cache[:] = [k, v]
+            a = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out(a.transpose(1, 2).reshape(b, n, w))
+
+
+class _TransformerBlock(nn.Module):
+    """A pre-norm Transformer block: ``h + attention(LN(h))``, then ``h + MLP(LN(h))``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, causal: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = _Attention(width, heads, causal)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(),
+                                 nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, h: Tensor, cache: list[Tensor] | None = None) -> Tensor:
+        h = h + self.attention(self.norm1(h), cache)
+        return h + self.mlp(self.norm2(h))
+
+
+def _flat_context(context: Tensor, batch: torch.Size) -> Tensor:
+    """The context broadcast to the batch shape and flattened to ``(B, context_features)``."""
+    return context.expand(*batch, context.shape[-1]).reshape(-1, context.shape[-1])
+
+
+class _TokenTransformer(nn.Module):
+    """What the causal Transformer and the ViT share: token embedding, learned positions, the context as
+    a learned embedding added to every token, pre-norm blocks and a zero-initialised head; and
+    classifier-free guidance (:func:`classifier_free_guidance`)."""
+
+    def __init__(self, in_features: int, out_features: int, context_features: int, tokens: int, width: int,
+                 layers: int, heads: int, mlp_ratio: int, causal: bool):
+        super().__init__()
+        if tokens < 1 or layers < 1:
+            raise ValueError("a Transformer conditioner needs tokens >= 1 and layers >= 1, got "
+                             f"tokens={tokens}, "
+                             f"layers={layers}")
+        self.tokens, self.width = tokens, width
+        self.embed = nn.Linear(in_features, width)
+        self.position = nn.Parameter(torch.randn(tokens, width) * 0.02)
+        self.context = nn.Linear(context_features, width) if context_features else None
+        self.context_features = context_features
+        self.blocks = nn.ModuleList(_TransformerBlock(width, heads, mlp_ratio, causal) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = _zero(nn.Linear(width, out_features))
+        #: classifier-free guidance weight ``w``: a setting of the model, read at every call (0: none)
+        self.guidance = 0.0
+
+    def _context(self, h: Tensor, context: Tensor | None) -> Tensor:
+        if self.context is None:
+            return h
+        if context is None:
+            raise ValueError(f"this {type(self).__name__} was built for a context of {self.context_features} "
+                             "features; got none")
+        return h + self.context(context.reshape(-1, context.shape[-1]))[:, None, :]
+
+    def _guided(self, run, x: Tensor, context: Tensor | None) -> Tensor:
+        """``run(x, context)``, or with guidance ``(1 + w) run(x, c) - w run(x, 0)`` (batch doubled)."""
+        if not self.guidance or context is None:
+            return run(x, context)
+        w = self.guidance
+        both = run(torch.cat([x, x]), torch.cat([context, torch.zeros_like(context)]))
+        cond, uncond = both.chunk(2)
+        return (1 + w) * cond - w * uncond
+
+    def _trunk(self, h: Tensor, cache: KVCache | None = None) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            h = block(h, None if cache is None else cache.layer(i))
+        return self.head(self.norm(h))
+
+
+class CausalTransformer(_TokenTransformer):
+    """TarFlow's conditioner: a causal Transformer over a sequence ``(*, N, P) -> (*, N, out_features)``.
+
+    Output token ``n`` depends on input tokens ``< n`` only: the input is shifted right by one, a
+    learned start token in front, and attention is causal (``scaled_dot_product_attention(is_causal=True)``),
+    so the first token's parameters depend on the start token and the context alone. The context (e.g.
+    a one-hot class label) enters as a learned embedding added to every token.
+
+    Decoding token by token (:meth:`~pushforward.transforms.Autoregressive.inverse`):
+    ``net(previous_token, context, cache=net.new_cache())`` returns the parameters of the next token
+    ``(*, 1, out_features)`` and appends each layer's keys and values to the cache, so step ``n`` costs one
+    token's work instead of a pass over ``n`` tokens; the first call's token is ignored (the start token
+    takes its place).
+
+    Args:
+        in_features: features per token ``P``.
+        out_features: outputs per token (``kernel.params * P``).
+        context_features: width of an optional context vector.
+        tokens: the sequence length ``N`` (learned positions).
+        width: the model width.
+        layers: Transformer blocks.
+        heads: attention heads (dividing ``width``).
+        mlp_ratio: hidden width of the blocks' MLPs, as a multiple of ``width``.
+
+    Raises:
+        ValueError: If ``width`` is not divisible by ``heads``, or a context is missing or a sequence is
+            too long.
+
+    References:
+        Zhai et al., "Normalizing Flows are Capable Generative Models", 2025 (TarFlow).
+        Vaswani et al., "Attention Is All You Need", 2017.
+    """
+
+    def __init__(self, in_features: int, out_features: int, context_features: int = 0, *, tokens: int,
+                 width: int = 128, layers: int = 2, heads: int = 4, mlp_ratio: int = 4):
+        super().__init__(in_features, out_features, context_features, tokens, width, layers, heads, mlp_ratio,
+                         causal=True)
+        self.start = nn.Parameter(torch.randn(width) * 0.02)
+
+    def new_cache(self) -> KVCache:
+        """An empty key-value cache for one token-by-token pass."""
+        return KVCache()
+
+    def forward(self, x: Tensor, context: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        batch = x.shape[:-2]
+
+        def run(x: Tensor, context: Tensor | None) -> Tensor:
+            if cache is None:
+                n = x.shape[-2]
+                if n > self.tokens:
+                    raise ValueError(f"this CausalTransformer has positions for {self.tokens} tokens, "
+                                     f"got {n}")
+                start = self.start.expand(len(x), 1, self.width).to(x.dtype)
+                h = torch.cat([start, self.embed(x[:, :-1])], 1)
+                h = h + self.position[:n]
+            else:
+                n = cache.length
+                if n >= self.tokens:
+                    raise ValueError(f"this CausalTransformer has positions for {self.tokens} tokens; "
+                                     "the cache "
+                                     "has seen them all")
+                h = self.start.expand(len(x), 1, self.width).to(x.dtype) if n == 0 else self.embed(x)
+                h = h + self.position[n]
+            out = self._trunk(self._context(h, context), cache)
+            if cache is not None:
+                cache.length += 1
+            return out
+
+        flat = x.reshape(-1, *x.shape[-2:])
+        c = None if context is None else _flat_context(context, batch)
+        return self._guided(run, flat, c).reshape(*batch, *flat.shape[1:-1], -1)
+
+
+class ViT(_TokenTransformer):
+    """Jet's conditioner: a Vision Transformer over tokens ``(*, N, P) -> (*, N, out_features)``.
+
+    Every output token attends to every input token (no mask); the context enters as a learned
+    embedding added to every token; the head is zero-initialised.
+
+    Args:
+        in_features: features per token.
+        out_features: outputs per token.
+        context_features: width of an optional context vector.
+        tokens: the sequence length ``N`` (learned positions).
+        width: the model width.
+        layers: Transformer blocks.
+        heads: attention heads (dividing ``width``).
+        mlp_ratio: hidden width of the blocks' MLPs, as a multiple of ``width``.
+
+    References:
+        Dosovitskiy et al., "An Image is Worth 16x16 Words", 2021 (ViT).
+        Kolesnikov et al., "Jet: A Modern Transformer-Based Normalizing Flow", 2025.
+    """
+
+    def __init__(self, in_features: int, out_features: int, context_features: int = 0, *, tokens: int,
+                 width: int = 128, layers: int = 2, heads: int = 4, mlp_ratio: int = 4):
+        super().__init__(in_features, out_features, context_features, tokens, width, layers, heads, mlp_ratio,
+                         causal=False)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        batch = x.shape[:-2]
+
+        def run(x: Tensor, context: Tensor | None) -> Tensor:
+            if x.shape[-2] != self.tokens:
+                raise ValueError(f"this ViT was built for {self.tokens} tokens, got {x.shape[-2]}")
+            return self._trunk(self._context(self.embed(x) + self.position, context))
+
+        flat = x.reshape(-1, *x.shape[-2:])
+        c = None if context is None else _flat_context(context, batch)
+        return self._guided(run, flat, c).reshape(*batch, *flat.shape[1:-1], -1)
+
+
+@contextlib.contextmanager
+def classifier_free_guidance(model: nn.Module, weight: float) -> Iterator[None]:
+    """Classifier-free guidance inside the block: every Transformer conditioner of ``model`` computes
+    ``(1 + w) h(x, c) - w h(x, 0)`` from the conditional output and the one at the null context (zeros,
+    what training with ``label_drop`` shows for a dropped label), and the old setting is restored after.
+
+    The guided conditioner is still autoregressive (TarFlow) or still reads only the conditioning part
+    (Jet), so the guided model is itself a flow: sampling and ``log_prob`` agree under it. Its density is
+    not the trained ``p(x | c)`` but a sharper one; the bits/dim a run reports are always without guidance.
+
+    Args:
+        model: a flow (or any module) holding :class:`CausalTransformer` / :class:`ViT` conditioners.
+        weight: ``w >= 0`` (0: no guidance).
+
+    Raises:
+        ValueError: If ``weight`` is negative or ``model`` holds no conditioner that can be guided.
+
+    References:
+        Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022; Zhai et al., 2025 (TarFlow), section 2.5.
+    """
+    if not weight >= 0:
+        raise ValueError(f"the guidance weight must be >= 0, got {weight}")
+    nets = [m for m in model.modules() if isinstance(m, _TokenTransformer) and m.context is not None]
+    if weight and not nets:
+        raise ValueError("classifier-free guidance needs a class-conditional model with Transformer "
+                         "conditioners (tarflow or jet with context_features > 0)")
+    before = [m.guidance for m in nets]
+    try:
+        for m in nets:
+            m.guidance = float(weight)
+        yield
+    finally:
+        for m, g in zip(nets, before):
+            m.guidance = g

@@ -24,7 +24,7 @@ from .linear import (
     Triangular,
     UpperTriangular,
 )
-from .reshape import FactorOut, Squeeze, Unsqueeze
+from .reshape import FactorOut, Patchify, Squeeze, Unpatchify, Unsqueeze
 from .splines import SplineKernel
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "Logit",
     "LowerTriangular",
     "Mask",
+    "Patchify",
     "Permutation",
     "Reverse",
     "Sigmoid",
@@ -55,6 +56,7 @@ __all__ = [
     "Squeeze",
     "Tanh",
     "Triangular",
+    "Unpatchify",
     "Unsqueeze",
     "UpperTriangular",
 ]

@@ -42,7 +42,8 @@ class Mask(nn.Module):
     """Splits an input into the conditioner's input and the kernel's input, and merges back.
 
     Attributes:
-        event_dim: 1 for vectors ``(*, D)``, 3 for images ``(*, C, H, W)``.
+        event_dim: 1 for vectors ``(*, D)``, 2 for sequences of tokens ``(*, N, P)``, 3 for images
+            ``(*, C, H, W)``.
         in_features: size of the conditioner input's first event dim.
         out_features: size of the transformed part's first event dim.
     """
@@ -50,6 +51,12 @@ class Mask(nn.Module):
     event_dim: int
     in_features: int
     out_features: int
+
+    @property
+    def split_dim(self) -> int:
+        """The dimension, counted from the end, that the two parts (and the kernel's parameter blocks) lie
+        along: the features of vectors and of a sequence's tokens (1), the channels of images (3)."""
+        return 1 if self.event_dim == 2 else self.event_dim
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Splits ``x`` into the conditioning and the transformed part.
@@ -97,7 +104,8 @@ class IndexMask(Mask):
     Args:
         features: size of the split dimension.
         cond: indices that condition (``x_a``); the rest are transformed.
-        event_dim: 1 for vectors, 3 for images (splits channels).
+        event_dim: 1 for vectors, 2 for sequences ``(*, N, P)`` (splits each token's features, as Jet
+            does), 3 for images (splits channels).
     """
 
     cond_index: Tensor  # the three index buffers exist only when neither part comes first
@@ -126,9 +134,9 @@ class IndexMask(Mask):
             self.register_buffer("merge_index", torch.argsort(torch.tensor(order)))
 
     def _check(self, x: Tensor) -> None:
-        if shape_checks_enabled() and x.shape[-self.event_dim] != self.features:
+        if shape_checks_enabled() and x.shape[-self.split_dim] != self.features:
             raise ValueError(
-                f"{type(self).__name__} splits {self.features} features on dim -{self.event_dim}, "
+                f"{type(self).__name__} splits {self.features} features on dim -{self.split_dim}, "
                 f"got a tensor of shape {tuple(x.shape)}"
             )
 
@@ -149,7 +157,7 @@ class IndexMask(Mask):
             ValueError: If the split dimension of ``x`` does not have size ``features``.
         """
         self._check(x)
-        dim = x.dim() - self.event_dim
+        dim = x.dim() - self.split_dim
         # one split node: its backward is a single cat (two narrows would each pad with zeros)
         if self._first == "cond":
             x_a, x_b = x.split([self.in_features, self.out_features], dim)
@@ -169,7 +177,7 @@ class IndexMask(Mask):
         Returns:
             A tensor of shape ``(*batch, features)`` or ``(*batch, features, H, W)``.
         """
-        dim = x_a.dim() - self.event_dim
+        dim = x_a.dim() - self.split_dim
         if self._first == "cond":
             return torch.cat([x_a, y_b], dim)
         if self._first == "trans":
@@ -436,7 +444,7 @@ class Coupling(Transform):
                         inverse: bool) -> tuple[Tensor, Tensor | None]:
         """The transformed part and the kernel's elementwise log-derivatives (``None``: all zero)."""
         params = self._params(x_a, context)
-        dim = -self.mask.event_dim
+        dim = -self.mask.split_dim
         return self.kernel.inverse(x_b, params, dim) if inverse else self.kernel.forward(x_b, params, dim)
 
     def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:

@@ -1,4 +1,5 @@
-"""Reshaping transforms for multi-scale image flows (volume preserving: ``log|det| = 0``)."""
+"""Reshaping transforms (volume preserving: ``log|det| = 0``): squeeze and factor-out for multi-scale image
+flows, patchify for Transformer flows over patch sequences."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from torch import Tensor
 
 from ..core import Transform, shape_checks_enabled
 
-__all__ = ["FactorOut", "Squeeze", "Unsqueeze"]
+__all__ = ["FactorOut", "Patchify", "Squeeze", "Unpatchify", "Unsqueeze"]
 
 
 def _zeros(x: Tensor) -> Tensor:
@@ -135,3 +136,92 @@ class FactorOut(Transform):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, factored={self.factored}"
+
+
+def patchify(x: Tensor, patch: int) -> Tensor:
+    """``(*, C, H, W) -> (*, (H/p)(W/p), C p^2)``: patches in raster order, each flattened channel-major."""
+    *batch, c, h, w = x.shape
+    x = x.reshape(*batch, c, h // patch, patch, w // patch, patch)
+    x = x.movedim(-5, -1)  # (*, H/p, p, W/p, p, C)
+    x = x.transpose(-4, -3)  # (*, H/p, W/p, p, p, C)
+    return x.reshape(*batch, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(x: Tensor, patch: int, shape: tuple[int, int, int]) -> Tensor:
+    """The inverse of :func:`patchify`: ``(*, N, P) -> (*, C, H, W)`` for the image ``shape = (C, H, W)``."""
+    c, h, w = shape
+    *batch, _, _ = x.shape
+    x = x.reshape(*batch, h // patch, w // patch, patch, patch, c)
+    x = x.transpose(-4, -3)  # (*, H/p, p, W/p, p, C)
+    return x.movedim(-1, -5).reshape(*batch, c, h, w)
+
+
+class Patchify(Transform):
+    """Cuts images ``(*, C, H, W)`` into ``N = (H/p)(W/p)`` patch tokens of ``P = C p^2`` features each.
+
+    Patches come in raster order (row by row), each flattened as ``(row, column, channel)`` within the
+    patch. A permutation of the pixels, so ``log|det| = 0``. :class:`Unpatchify` is the inverse.
+
+    Args:
+        shape: the image shape ``(C, H, W)``.
+        patch: the patch size ``p`` (dividing ``H`` and ``W``).
+
+    Raises:
+        ValueError: If ``patch`` does not divide the height and width, or an input has another shape.
+
+    References:
+        Dosovitskiy et al., "An Image is Worth 16x16 Words", 2021 (patch tokens).
+        Zhai et al., "Normalizing Flows are Capable Generative Models", 2025 (TarFlow).
+    """
+
+    def __init__(self, shape: tuple[int, int, int] | list[int], patch: int):
+        super().__init__()
+        shape_ = tuple(int(s) for s in shape)
+        if len(shape_) != 3 or min(shape_) < 1:
+            raise ValueError(f"Patchify expects an image shape (C, H, W), got {tuple(shape)}")
+        c, h, w = shape_
+        if patch < 1 or h % patch or w % patch:
+            raise ValueError(f"Patchify(patch={patch}) needs a patch size that divides the height and width, "
+                             f"got an image of {h}x{w}")
+        self.shape, self.patch = shape_, patch
+        self.tokens, self.features = (h // patch) * (w // patch), c * patch * patch
+
+    def _check(self, x: Tensor, shape: tuple[int, ...], who: str) -> None:
+        if shape_checks_enabled() and tuple(x.shape[x.dim() - len(shape):]) != shape:
+            raise ValueError(f"{who} expects inputs of shape (*, {', '.join(map(str, shape))}), "
+                             f"got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(*, C, H, W) -> (*, N, P)``; ``ladj`` zeros of shape ``(*,)``."""
+        self._check(x, self.shape, "Patchify")
+        return patchify(x, self.patch), x.new_zeros(x.shape[:-3])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(*, N, P) -> (*, C, H, W)``; ``ladj`` zeros of shape ``(*,)``."""
+        self._check(z, (self.tokens, self.features), "Patchify.inverse")
+        return unpatchify(z, self.patch, self.shape), z.new_zeros(z.shape[:-2])
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, patch={self.patch}, tokens={self.tokens}, features={self.features}"
+
+
+class Unpatchify(Transform):
+    """Patch tokens ``(*, N, P)`` back to images ``(*, C, H, W)``: :class:`Patchify` run backwards.
+
+    Args:
+        shape: the image shape ``(C, H, W)``.
+        patch: the patch size ``p``.
+
+    References:
+        Zhai et al., "Normalizing Flows are Capable Generative Models", 2025 (TarFlow).
+    """
+
+    def __init__(self, shape: tuple[int, int, int] | list[int], patch: int):
+        super().__init__()
+        self.patchify = Patchify(shape, patch)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.patchify.inverse(x, context)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.patchify(z, context)
