@@ -24,8 +24,12 @@ from .linear import (
     Triangular,
     UpperTriangular,
 )
+from .neural_autoregressive import DeepSigmoidalKernel, UMNNKernel
+from .orthogonal import Householder
 from .reshape import FactorOut, Patchify, Squeeze, Unpatchify, Unsqueeze
-from .splines import SplineKernel
+from .residual import LipSwish, ResidualBlock, RussianRoulette
+from .splines import CircularSplineKernel, SplineKernel
+from .variational import Planar, Radial, Sylvester
 
 __all__ = [
     "ActNorm",
@@ -34,28 +38,38 @@ __all__ = [
     "AlternatingMask",
     "Autoregressive",
     "ChannelMask",
+    "CircularSplineKernel",
     "CheckerboardMask",
     "Coupling",
+    "DeepSigmoidalKernel",
     "ElementwiseAffine",
     "FactorOut",
     "GaussianWhitening",
     "HalfMask",
+    "Householder",
     "IndexMask",
     "InvertibleConv1x1",
     "LULinear",
     "LeakyReLU",
     "Linear",
+    "LipSwish",
     "Logit",
     "LowerTriangular",
     "Mask",
     "Patchify",
     "Permutation",
+    "Planar",
+    "Radial",
+    "ResidualBlock",
     "Reverse",
+    "RussianRoulette",
     "Sigmoid",
     "SplineKernel",
     "Squeeze",
+    "Sylvester",
     "Tanh",
     "Triangular",
+    "UMNNKernel",
     "Unpatchify",
     "Unsqueeze",
     "UpperTriangular",
