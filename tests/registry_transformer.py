@@ -49,10 +49,10 @@ CASES: dict[str, Case] = {
     "tarflow": Case(lambda: models.tarflow((1, 4, 4), patch_size=2, channels=8, blocks=2, layers_per_block=1,
                                            heads=2).transform, (1, 4, 4), unit_interval=True),
     "tarflow_context": Case(lambda: models.tarflow((2, 4, 4), patch_size=2, channels=8, blocks=2,
-                                                   layers_per_block=1, heads=2, alpha=None,
+                                                   layers_per_block=1, heads=2, logit=False,
                                                    context_features=3).transform, (2, 4, 4), context=3),
     "jet": Case(lambda: jet((1, 4, 4), patch_size=2).transform, (1, 4, 4), unit_interval=True),
-    "jet_context": Case(lambda: jet((2, 4, 4), patch_size=2, alpha=None, context_features=3).transform,
+    "jet_context": Case(lambda: jet((2, 4, 4), patch_size=2, logit=False, context_features=3).transform,
                         (2, 4, 4), context=3),
 }
 

@@ -93,7 +93,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from . import runs
 
     for path in runs.sample_run(args.run, args.n, args.temperature, args.out, args.interpolate, args.seed,
-                                args.label):
+                                args.label, args.guidance):
         runs.say(f"wrote {path}")
     return 0
 
@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("plot", help="training curves to PNG")
     c.add_argument("run", help="run directory (reads its metrics.jsonl)")
+    s.add_argument("--guidance", type=_typed("sample.guidance"), default=0.0, metavar="W",
+                   help="class-conditional Transformer flows (tarflow, jet): classifier-free guidance of "
+                        "weight W >= 0, against the null label that training with --set label_drop=P "
+                        "showed (default: 0, none)")
     c.add_argument("--out", metavar="FILE.png", help="PNG path (default: RUN/curves.png)")
     c.set_defaults(fn=cmd_plot)
 

@@ -84,6 +84,15 @@ class TrainConfig:
         clip: gradient-norm clipping threshold (``0``: no clipping).
         patience: stop after this many validations without improvement (``0``: never).
         val_every: validate every this many steps (``0``: at the end of each epoch).
+        ema: decay of an exponential moving average of the weights (e.g. ``0.999``; ``0``: none), updated
+            after every step with the decay ``min(ema, (1 + t) / (10 + t))`` at step ``t``; validation,
+            the best weights (saved, sampled, evaluated) and the end of training use the average.
+        noise: standard deviation of Gaussian noise added to the (dequantized) training data
+            (:class:`~pushforward.objectives.NoiseAugmentation`; ``0``: none). Validation and evaluation
+            score the clean data; ``pushforward sample`` denoises with one step along the model's score.
+        label_drop: with ``condition = "label"``, the probability of replacing a training example's
+            one-hot label by zeros, the null label that classifier-free guidance contrasts with
+            (``pushforward sample --guidance W``).
         val_at_start: also validate before the first step, so the starting weights are a candidate for
             the best ones: a model that starts at a fitted baseline (a table's full-covariance Gaussian)
             then ends no worse than it on the validation set. On by default for tables.
@@ -131,6 +140,9 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = ""
     device: str = "auto"
+    ema: float = 0.0
+    noise: float = 0.0
+    label_drop: float = 0.0
     threads: int = 0
     n_train: int = 20000
     n_val: int = 5000

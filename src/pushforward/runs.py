@@ -35,11 +35,13 @@ from .config import (
     resolve_config,
     resume_changes,
 )
+from .core import Flow
 from .data import dequantize
 from .distributed import setup
 from .experiment import Dataset, Run, build_flow, load_dataset, n_examples, open_run, quantize, test_budget
 from .io import atomic_write
-from .objectives import Batch, Objective, default_objective
+from .nn import classifier_free_guidance
+from .objectives import Batch, Objective, default_objective, denoise
 from .rundir import RUN_DIRS, RUN_FILES, clear_run, last_checkpoint
 from .train import History, evaluate, fit, seed_from
 
@@ -260,12 +262,16 @@ def _one_hot(labels: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Te
 
 
 def sample_run(path: str | Path, n: int = 64, temperature: float = 1.0, out: str | None = None,
-               interpolate: bool = False, seed: int = 0, label: int | None = None) -> list[Path]:
+               interpolate: bool = False, seed: int = 0, label: int | None = None,
+               guidance: float = 0.0) -> list[Path]:
     """Writes samples of a run: an image grid, or data/samples/density panels for 2-D data.
 
     A class-conditional run samples ``p(x | label)``: ``n`` samples of ``label``, or, without a
-    label, a grid with one row per class (``max(1, n // classes)`` samples each). Samples of a table
-    also go to a CSV file in the table's own units.
+    label, a grid with one row per class (``max(1, n // classes)`` samples each), with classifier-free
+    guidance of weight ``guidance`` (:func:`pushforward.nn.classifier_free_guidance`; Transformer flows).
+    A run trained with ``noise`` has its image samples denoised by one step along the model's score
+    (:func:`pushforward.objectives.denoise`). Samples of a table also go to a CSV file in the table's
+    own units.
     """
     run = open_run(path)
     dataset = load_dataset(run.config)
@@ -277,21 +283,27 @@ def sample_run(path: str | Path, n: int = 64, temperature: float = 1.0, out: str
     if label is not None and not 0 <= label < classes:
         raise ValueError(f"--label must lie in [0, {classes - 1}], got {label}")
     torch.manual_seed(seed)
+    if guidance and not classes:
+        raise ValueError(f"--guidance needs a class-conditional run (train with --condition label); {path} "
+                         "is not one")
     written: list[Path] = []
     suffix = "" if temperature == 1.0 else f"_T{temperature:g}"
     if dataset.is_image:
+    if guidance:
+        suffix += f"_cfg{guidance:g}"
         nrow, what = None, f"{n} samples"
-        with torch.no_grad():
+        noise = run.config.noise
+        with torch.no_grad(), classifier_free_guidance(flow, guidance):
             if not classes:
-                y = flow.sample(n, temperature=temperature)
+                y = _draw(flow, n, None, temperature, noise)
             elif label is not None:
                 context = _one_hot(torch.tensor(label), classes, flow.dtype)
-                y = flow.sample(n, context=context, temperature=temperature)
+                y = _draw(flow, n, context, temperature, noise)
                 what, suffix = f"{n} samples of class {label}", f"{suffix}_label{label}"
             else:  # (per_class, classes, C, H, W) -> one row per class
                 nrow = max(1, n // classes)
                 context = _one_hot(torch.arange(classes), classes, flow.dtype)
-                y = flow.sample(nrow, context=context, temperature=temperature).transpose(0, 1).flatten(0, 1)
+                y = _draw(flow, nrow, context, temperature, noise).transpose(0, 1).flatten(0, 1)
                 what = f"one row per class 0..{classes - 1}, {nrow} samples each"
         target = Path(out) if out else run.run_dir / f"samples{suffix}.png"
         written.append(plot.save_image_grid(target, quantize(y, int(dataset.levels or 0)), nrow=nrow,
@@ -321,6 +333,18 @@ def sample_run(path: str | Path, n: int = 64, temperature: float = 1.0, out: str
 
 
 def _interpolation(run: Run, dataset: Dataset, target: Path, pairs: int = 4, steps: int = 9) -> Path:
+def _draw(flow: Flow, n: int, context: torch.Tensor | None, temperature: float, noise: float) -> torch.Tensor:
+    """``flow.sample(n, context, temperature)``, denoised by one step along the model's score for a run
+    trained with Gaussian noise (``noise > 0``, :func:`pushforward.objectives.denoise`)."""
+    y = flow.sample(n, context=context, temperature=temperature)
+    if not noise:
+        return y
+    event = flow.event_shape
+    c = None if context is None else context.expand(*y.shape[: y.dim() - len(event)], context.shape[-1])
+    flat = denoise(flow, y.reshape(-1, *event), noise, None if c is None else c.reshape(-1, c.shape[-1]))
+    return flat.reshape(y.shape)
+
+
     """Decodes points on straight lines between the latents of test images."""
     flow = run.flow
     k = min(2 * pairs, len(dataset.test.images))

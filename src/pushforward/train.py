@@ -8,6 +8,13 @@ figures mean is the objective's business; ``objective=None`` takes
 :func:`pushforward.objectives.default_objective` of the model and the data. The loop minimises the
 mean per-example loss divided by the data's dimension.
 
+Options of the loop that any model can use (:class:`~pushforward.config.TrainConfig`): ``clip`` (gradient-norm
+clipping), ``ema`` (an exponential moving average of the weights, which validation, the best weights and
+so sampling and saving use; it lives in the optimizer's state, so checkpoints carry it), ``noise``
+(Gaussian noise augmentation, :class:`~pushforward.objectives.NoiseAugmentation`: trained on noisy data,
+validated on clean data) and ``label_drop`` (a class-conditional model sees the null label, zeros, that
+often, so classifier-free guidance can contrast with it at sampling time).
+
 It validates every epoch (or every ``val_every`` steps) with the same objective, keeps the best
 validation weights (``best.safetensors``), stops early after ``patience`` validations without
 improvement, appends one metrics row per validation to ``metrics.jsonl`` / ``metrics.csv``, and writes a
@@ -47,6 +54,7 @@ networks), ``config.compile`` (``torch.compile`` of the log-density) and ``confi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io as _io
@@ -56,7 +64,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -74,7 +82,7 @@ from .distributed import resolve_device as _resolve_device
 from .distributed import setup as setup_distributed
 from .initialization import data_dependent, initialize_layers
 from .io import atomic_write, save
-from .objectives import Batch, LogDensity, Objective, default_objective, model_dtype
+from .objectives import Batch, LogDensity, Objective, default_objective, model_dtype, with_noise
 from .rundir import (
     FILESYSTEM_ERRNOS,
     RunInUseError,
@@ -529,8 +537,12 @@ def _prepare(model: nn.Module, train_data: Any, val_data: Any, config: TrainConf
     model.to(dist.device)
     if objective is None:
         objective = default_objective(model, train_data, config.dequantization)
+    objective = with_noise(objective, config.noise)  # Gaussian noise augmentation: config.noise > 0
     objective.check(model)
     classes = context_classes(config)
+    if config.label_drop > 0 and not classes:
+        raise ValueError(f"label_drop = {config.label_drop} drops labels of a class-conditional model; this "
+                         "run has none (train with condition = 'label', --condition label)")
     train, val = _Data(train_data, classes), _Data(val_data, classes)
     bs = min(config.batch_size, train.n)  # the global batch: split over the processes
     if bs % dist.world:
@@ -667,7 +679,12 @@ class _Order:
             self.epoch = epoch
         index = self.perm[pos * run.batch_size : (pos + 1) * run.batch_size]
         part = run.dist.shard(run.batch_size) if run.dist.enabled else None
-        return run.train.batch(index, run.device, run.dtype, part), _generator(run.config.seed, 3, epoch, pos)
+        batch = run.train.batch(index, run.device, run.dtype, part)
+        if run.config.label_drop > 0 and batch.context is not None:  # the null label of guidance: zeros
+            g = _generator(run.config.seed, 5, epoch, pos)
+            keep = batch.draw(lambda n: torch.rand(n, generator=g) >= run.config.label_drop)
+            batch = batch.replace(context=batch.context * keep.to(batch.context)[:, None])
+        return batch, _generator(run.config.seed, 3, epoch, pos)
 
 
 class _FirstBatch(nn.Module):
@@ -718,6 +735,7 @@ def _optimizer_step(run: _Run, state: _State, loss_step: LossStep, batch: Batch,
         group["lr"] = lr_at(state.step, run.config, run.total)
     state.updating = True
     run.optimizer.step()
+    _update_average(run, state.step)
     state.step += 1
     state.updating = False
     acc = state.accum
@@ -726,6 +744,46 @@ def _optimizer_step(run: _Run, state: _State, loss_step: LossStep, batch: Batch,
     acc["gnorm_sum"] += float(gnorm)
     acc["steps"] += 1
     return batch_loss
+
+
+def _update_average(run: _Run, step: int) -> None:
+    """The exponential moving average of the weights (``config.ema``), after optimizer step ``step``.
+
+    The average of a parameter lives in the optimizer's state of that parameter (key ``"ema"``), so
+    checkpoints save it and a resumed run continues it exactly. The decay is
+    ``min(ema, (1 + t) / (10 + t))``: early averages forget the initialisation quickly. A parameter that
+    Adam has not updated yet has none.
+    """
+    decay = run.config.ema
+    if decay <= 0:
+        return
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p in run.params:
+            s = run.optimizer.state.get(p)
+            if not s or "step" not in s:
+                continue
+            if "ema" in s:
+                s["ema"].lerp_(p.detach(), 1 - d)
+            else:
+                s["ema"] = p.detach().clone()
+
+
+@contextlib.contextmanager
+def _averaged(run: _Run) -> Iterator[None]:
+    """A block in which the model holds the averaged weights (``config.ema``); then the live ones again."""
+    pairs = [(p, s["ema"]) for p in run.params
+             if run.config.ema > 0 and "ema" in (s := run.optimizer.state.get(p, {}))]
+    live = [p.detach().clone() for p, _ in pairs]
+    with torch.no_grad():
+        for p, average in pairs:
+            p.copy_(average)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, _), w in zip(pairs, live):
+                p.copy_(w)
 
 
 def _time_validation(run: _Run) -> float:
@@ -763,7 +821,8 @@ def _validation_figures(run: _Run) -> dict[str, float]:
 def _validate(run: _Run, state: _State, clock: _Clock) -> dict[str, Any]:
     """Validates, appends the metrics row, keeps the best weights and counts validations without
     improvement."""
-    figures = _validation_figures(run)
+    with _averaged(run):
+        figures = _validation_figures(run)
     nll = figures.pop("loss")
     if not math.isfinite(nll):
         raise NonFiniteLossError(f"validation NLL is {nll} after step {state.step}"
@@ -782,9 +841,10 @@ def _validate(run: _Run, state: _State, clock: _Clock) -> dict[str, Any]:
     row["best"] = h.best_val_nll is None or nll < h.best_val_nll
     if row["best"]:
         h.best_val_nll, h.best_step, state.bad_validations = nll, state.step, 0
-        state.best_weights = {k: v.detach().clone().cpu() for k, v in run.model.state_dict().items()}
-        if run.out is not None and run.dist.is_main:
-            save(cast(Flow, run.model), run.out / "best.safetensors")  # a recipe-built model (_prepare)
+        with _averaged(run):  # the best weights are the averaged ones when config.ema > 0
+            state.best_weights = {k: v.detach().clone().cpu() for k, v in run.model.state_dict().items()}
+            if run.out is not None and run.dist.is_main:
+                save(cast(Flow, run.model), run.out / "best.safetensors")  # a recipe-built model (_prepare)
     else:
         state.bad_validations += 1
     h.rows.append(row)

@@ -20,8 +20,16 @@ from ..core import Compose, Flow, Transform
 from ..distributions import StandardNormal
 from ..nn import CausalTransformer, ViT
 from ..recipes import recipe
-from ..transforms import AffineKernel, Autoregressive, Coupling, IndexMask, Logit, Reverse
-from ..transforms.reshape import Patchify, Unpatchify
+from ..transforms import (
+    AffineKernel,
+    Autoregressive,
+    Coupling,
+    IndexMask,
+    Logit,
+    Patchify,
+    Reverse,
+    Unpatchify,
+)
 
 __all__ = ["jet", "tarflow"]
 
@@ -35,20 +43,20 @@ def _image(shape: Sequence[int], patch_size: int, who: str) -> tuple[int, int, i
     return c, h, w
 
 
-def _preprocess(alpha: float | None) -> list[Transform]:
-    return [] if alpha is None else [Logit(alpha, event_dim=3)]
+def _preprocess(logit: bool, alpha: float) -> list[Transform]:
+    return [Logit(alpha, event_dim=3)] if logit else []
 
 
 @recipe
 def tarflow(shape: Sequence[int], patch_size: int = 4, channels: int = 128, blocks: int = 4,
-            layers_per_block: int = 2, heads: int = 4, alpha: float | None = 0.05, scale_bound: float = 3.0,
-            context_features: int = 0) -> Flow:
+            layers_per_block: int = 2, heads: int = 4, logit: bool = True, alpha: float = 0.05,
+            scale_bound: float = 3.0, context_features: int = 0) -> Flow:
     """TarFlow: affine autoregressive blocks over patch tokens, each conditioned by a causal Transformer.
 
-    The image ``(C, H, W)`` in ``[0, 1]`` (dequantized pixels) goes through the logit (``alpha``; ``None``:
-    none, e.g. for data with Gaussian noise added, which leaves ``[0, 1]``), is cut into ``N`` patches of
-    ``P = C p^2`` features (:class:`~pushforward.transforms.reshape.Patchify`), and each of ``blocks``
-    blocks maps token ``n`` by ``z_n = x_n exp(s_n) + t_n`` with ``(s_n, t_n)`` from a causal
+    The image ``(C, H, W)`` in ``[0, 1]`` (dequantized pixels) goes through the logit with ``alpha``
+    (``logit=False``: none, e.g. for data with Gaussian noise added, which leaves ``[0, 1]``), is cut
+    into ``N`` patches of ``P = C p^2`` features (:class:`~pushforward.transforms.Patchify`), and each
+    of ``blocks`` blocks maps token ``n`` by ``z_n = x_n exp(s_n) + t_n`` with ``(s_n, t_n)`` from a causal
     Transformer (:class:`~pushforward.nn.CausalTransformer`: ``layers_per_block`` layers of width
     ``channels``, ``heads`` heads) that reads the tokens before ``n``; the first token reads a learned
     start token and the context. The token order is reversed between blocks. The latent is unpatchified
@@ -66,7 +74,7 @@ def tarflow(shape: Sequence[int], patch_size: int = 4, channels: int = 128, bloc
     seq = (patch.tokens, patch.features)
     net = functools.partial(CausalTransformer, tokens=patch.tokens, width=channels, layers=layers_per_block,
                             heads=heads)
-    ts: list[Transform] = [*_preprocess(alpha), patch]
+    ts: list[Transform] = [*_preprocess(logit, alpha), patch]
     for i in range(blocks):
         if i:
             ts.append(Reverse(patch.tokens, event_dim=2))
@@ -83,13 +91,13 @@ def _jet_split(features: int, seed: int) -> list[int]:
 
 @recipe
 def jet(shape: Sequence[int], patch_size: int = 4, channels: int = 128, couplings: int = 8, layers: int = 2,
-        heads: int = 4, alpha: float | None = 0.05, scale_bound: float = 3.0,
+        heads: int = 4, logit: bool = True, alpha: float = 0.05, scale_bound: float = 3.0,
         context_features: int = 0) -> Flow:
     """Jet: affine couplings over patch tokens, each conditioned by a Vision Transformer; no multi-scale.
 
-    The image (logit with ``alpha`` as in :func:`tarflow`) is cut into ``N`` patches of ``P = C p^2``
-    features. Each of ``couplings`` layers splits every token's features into two halves, a fixed random
-    choice per layer (seeded by the layer's index), and transforms one half by
+    The image (logit with ``alpha`` unless ``logit=False``, as in :func:`tarflow`) is cut into ``N``
+    patches of ``P = C p^2`` features. Each of ``couplings`` layers splits every token's features into
+    two halves, a fixed random choice per layer (seeded by the layer's index), and transforms one half by
     ``x_b exp(s) + t`` with ``(s, t)`` from a ViT (:class:`~pushforward.nn.ViT`: ``layers`` layers of width
     ``channels``, ``heads`` heads) reading the other half of every token and the context. The coupling
     structure is :class:`~pushforward.transforms.Coupling` with an
@@ -105,7 +113,7 @@ def jet(shape: Sequence[int], patch_size: int = 4, channels: int = 128, coupling
         raise ValueError(f"jet splits each patch's features in two; patches of {patch.features} feature(s) "
                          "cannot be split: use a larger patch_size")
     net = functools.partial(ViT, tokens=patch.tokens, width=channels, layers=layers, heads=heads)
-    ts: list[Transform] = [*_preprocess(alpha), patch]
+    ts: list[Transform] = [*_preprocess(logit, alpha), patch]
     for i in range(couplings):
         mask = IndexMask(patch.features, _jet_split(patch.features, i), event_dim=2)
         ts.append(Coupling(mask, AffineKernel(scale_bound), net, context_features))
