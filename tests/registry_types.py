@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,11 +15,14 @@ class Case:
     shape: tuple[int, ...]
     context: int = 0  # context features, 0 = none
     unit_interval: bool = False  # inputs must lie in (0, 1)
+    circle: bool = False  # inputs are angles in [-pi, pi)
 
     def data(self, n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         g = torch.Generator().manual_seed(seed)
         if self.unit_interval:
             x = torch.rand(n, *self.shape, generator=g, dtype=torch.float64) * 0.9 + 0.05
+        elif self.circle:
+            x = (torch.rand(n, *self.shape, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
         else:
             x = torch.randn(n, *self.shape, generator=g, dtype=torch.float64)
         c = torch.randn(n, self.context, generator=g, dtype=torch.float64) if self.context else None
