@@ -32,7 +32,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         if key in CONFIG_RULES:
             check_key(key, value)
     for key in ("data", "run_dir", "max_minutes", "epochs", "max_steps", "seed", "device", "recipe",
-                "condition", "dequantization"):
+                "condition", "dequantization", "objective"):
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images ({images}): uniform noise or a variational dequantizer q(u | x) trained "
                         "jointly (--set dequantizer.layers=4 --set dequantizer.hidden_channels=32); "
                         "default: uniform")
+    t.add_argument("--objective", choices=("nll", "flow-matching", "ot-flow-matching"),
+                   help="what training minimises: nll (default), or for continuous flows (--recipe cnf, "
+                        "cnf_image) flow matching without an ODE solve, with independent or minibatch-OT "
+                        "noise; eval scores the likelihood by the ODE either way")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="test NLL / bits-per-dim and reconstruction error; writes eval.json")
@@ -273,14 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the samples (default: 0)")
     s.add_argument("--label", type=_typed("sample.label"), metavar="K",
                    help="class-conditional runs: sample this class (default: one row per class)")
-    s.set_defaults(fn=cmd_sample)
-
-    c = sub.add_parser("plot", help="training curves to PNG")
-    c.add_argument("run", help="run directory (reads its metrics.jsonl)")
     s.add_argument("--guidance", type=_typed("sample.guidance"), default=0.0, metavar="W",
                    help="class-conditional Transformer flows (tarflow, jet): classifier-free guidance of "
                         "weight W >= 0, against the null label that training with --set label_drop=P "
                         "showed (default: 0, none)")
+    s.set_defaults(fn=cmd_sample)
+
+    c = sub.add_parser("plot", help="training curves to PNG")
+    c.add_argument("run", help="run directory (reads its metrics.jsonl)")
     c.add_argument("--out", metavar="FILE.png", help="PNG path (default: RUN/curves.png)")
     c.set_defaults(fn=cmd_plot)
 

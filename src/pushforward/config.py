@@ -56,6 +56,8 @@ __all__ = [
 
 CONDITIONS = ("", "label")
 DEQUANTIZATIONS = ("uniform", "variational", "none")
+#: Training objectives by name (the same as :data:`pushforward.objectives.OBJECTIVES`).
+OBJECTIVES = ("nll", "flow-matching", "ot-flow-matching")
 
 
 @dataclass
@@ -82,8 +84,6 @@ class TrainConfig:
             so for a cosine that ends on time choose ``max_steps`` to fit (``pushforward demo`` times
             a few steps to do so).
         clip: gradient-norm clipping threshold (``0``: no clipping).
-        patience: stop after this many validations without improvement (``0``: never).
-        val_every: validate every this many steps (``0``: at the end of each epoch).
         ema: decay of an exponential moving average of the weights (e.g. ``0.999``; ``0``: none), updated
             after every step with the decay ``min(ema, (1 + t) / (10 + t))`` at step ``t``; validation,
             the best weights (saved, sampled, evaluated) and the end of training use the average.
@@ -93,6 +93,8 @@ class TrainConfig:
         label_drop: with ``condition = "label"``, the probability of replacing a training example's
             one-hot label by zeros, the null label that classifier-free guidance contrasts with
             (``pushforward sample --guidance W``).
+        patience: stop after this many validations without improvement (``0``: never).
+        val_every: validate every this many steps (``0``: at the end of each epoch).
         val_at_start: also validate before the first step, so the starting weights are a candidate for
             the best ones: a model that starts at a fitted baseline (a table's full-covariance Gaussian)
             then ends no worse than it on the validation set. On by default for tables.
@@ -113,6 +115,10 @@ class TrainConfig:
             the bound ``E_q[-log p(y) + log q(u | x)] + D log K`` in the same formula. For tables,
             ``"uniform"`` dequantizes the columns that lie on a grid and ``"none"`` leaves them as they are.
         dequantizer: keyword arguments of the variational dequantizer (``layers``, ``hidden_channels``).
+        objective: what training minimises: ``"nll"`` (the likelihood, or its dequantization bound) or,
+            for continuous normalizing flows (``cnf``, ``cnf_image``), ``"flow-matching"`` /
+            ``"ot-flow-matching"`` (:class:`~pushforward.objectives.FlowMatching`, no ODE solve in
+            training; validation figures are its loss, evaluation is the likelihood by the ODE).
         amp: bf16 autocast in the conditioner networks; the transforms, their log-determinants, the
             base density and the loss stay float32. Meant for GPUs; allowed on the CPU (where it is
             usually slower), refused on MPS.
@@ -134,15 +140,15 @@ class TrainConfig:
     max_steps: int = 0
     max_minutes: float = 0.0
     clip: float = 10.0
+    ema: float = 0.0
+    noise: float = 0.0
+    label_drop: float = 0.0
     patience: int = 10
     val_every: int = 0
     val_at_start: bool = False
     seed: int = 0
     run_dir: str = ""
     device: str = "auto"
-    ema: float = 0.0
-    noise: float = 0.0
-    label_drop: float = 0.0
     threads: int = 0
     n_train: int = 20000
     n_val: int = 5000
@@ -155,6 +161,7 @@ class TrainConfig:
     condition: str = ""
     dequantization: str = "uniform"
     dequantizer: dict = field(default_factory=dict)
+    objective: str = "nll"
     amp: bool = False
     compile: bool = False
     checkpoint_grads: bool = False
@@ -165,6 +172,8 @@ class TrainConfig:
                              f"got {self.condition!r}")
         if self.dequantization not in DEQUANTIZATIONS:
             raise ValueError(f"dequantization must be one of {DEQUANTIZATIONS}, got {self.dequantization!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -298,8 +307,9 @@ def merge(base: dict, update: dict) -> dict:
 
 
 #: The keys that define what a run trains on and what it trains: a resumed run keeps them.
-FIXED_ON_RESUME = ("data", "recipe", "model", "condition", "dequantization", "dequantizer", "seed", "n_train",
-                   "n_val", "n_test", "val_fraction", "test_fraction", "max_train", "batch_size")
+FIXED_ON_RESUME = ("data", "recipe", "model", "condition", "dequantization", "dequantizer", "objective",
+                   "seed", "n_train", "n_val", "n_test", "val_fraction", "test_fraction", "max_train",
+                   "batch_size")
 
 
 def same_data(a: str, b: str) -> bool:

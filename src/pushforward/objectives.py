@@ -26,14 +26,16 @@ draws what the uninterrupted one drew.
 
 The objectives: :class:`NLL` (exact, continuous data), :class:`UniformDequantization` and
 :class:`VariationalDequantization` (bounds for discrete images, around a continuous objective),
-:class:`ELBO` (a VAE's ELBO or IWAE_k). :func:`default_objective` is the one place that picks an
-objective for a model and its data.
+:class:`ELBO` (a VAE's ELBO or IWAE_k), :class:`FlowMatching` (a CNF's vector field regressed on
+straight-line paths, no ODE solve). :func:`default_objective` is the one place that picks an
+objective for a model and its data; :func:`select_objective` picks a training objective by name.
 
 References:
     Theis, van den Oord & Bethge, "A note on the evaluation of generative models", 2016.
     Ho, Chen, Srinivas, Duan & Abbeel, "Flow++", 2019, section 3.1.
     Kingma & Welling, "Auto-Encoding Variational Bayes", 2014.
     Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", 2016.
+    Lipman, Chen, Ben-Hamu, Nickel & Le, "Flow Matching for Generative Modeling", 2023.
 """
 
 from __future__ import annotations
@@ -52,9 +54,10 @@ from .core import model_dtype
 from .metrics import bits_per_dim
 
 __all__ = [
-    "ELBO", "NLL", "Batch", "ColumnDequantization", "Dequantized", "LatentVariableModel", "LogDensity",
-    "NoiseAugmentation", "Objective", "UniformDequantization", "VariationalDequantization", "default_objective",
-    "denoise", "model_dtype", "seeded_rng", "with_noise",
+    "ELBO", "NLL", "OBJECTIVES", "Batch", "ColumnDequantization", "Dequantized", "FlowMatching",
+    "LatentVariableModel", "LogDensity", "NoiseAugmentation", "Objective", "UniformDequantization",
+    "VariationalDequantization",
+    "default_objective", "denoise", "model_dtype", "seeded_rng", "select_objective", "with_noise",
 ]
 
 _BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1: dequantized values stay in [0, 1)
@@ -439,6 +442,166 @@ class ColumnDequantization(_Dequantization):
     def __repr__(self) -> str:
         steps = [float(f"{h:.6g}") for h in self.steps.tolist()]
         return f"ColumnDequantization(steps={steps}, objective={self.objective!r})"
+
+
+class FlowMatching(Objective):
+    """Conditional flow matching on the optimal-transport (straight-line) path: a CNF trained without an ODE.
+
+    For data ``x`` (after the layers before the CNF, see below), noise ``z ~ N(0, I)`` and ``t ~ U[0, 1]``,
+    the path ``x_t = (1 - t) x + (sigma_min + (1 - sigma_min) t) z`` runs from the data (``t = 0``) to the
+    base (``t = 1``) with velocity ``u = (1 - sigma_min) z - x``; the loss per example is
+    ``|v(t, x_t, context) - u|^2`` summed over the event, whose minimiser is the vector field whose flow
+    carries the data to the base (Lipman et al. 2023, Theorem 2). Time runs as in
+    :class:`~pushforward.transforms.CNF` (data at 0): Lipman et al.'s path with ``t -> 1 - t``.
+    ``sigma_min = 0`` is the independent-coupling CFM of Tong et al. (and rectified flow);
+    ``coupling = "ot"`` pairs the batch's data and noise by an exact optimal-transport assignment
+    (squared distances, ``scipy.optimize.linear_sum_assignment``): Tong et al.'s OT-CFM, straighter
+    paths and cheaper solves; unconditional models only, and under ``torchrun`` each process pairs its
+    own rows.
+
+    The loss is not a likelihood (``unit``: squared velocity); score the trained model with :class:`NLL`
+    (the ODE, :meth:`~pushforward.core.Flow.log_prob`), which ``references`` holds as ``"ode"``.
+
+    The model is a :class:`~pushforward.core.Flow` whose transform is a CNF, or a
+    :class:`~pushforward.core.Compose` ending in one: the layers before it (a logit for images) are fixed
+    preprocessing, applied without gradient (flow matching gives them none); the base must be
+    :class:`~pushforward.distributions.StandardNormal`. The context is embedded by the flow's
+    embedding and passed to the vector field.
+
+    Args:
+        sigma_min: the width of the path at the data end (Lipman et al.'s ``sigma_min``), in ``[0, 1)``.
+        coupling: ``"independent"`` (noise drawn independently of the data) or ``"ot"``.
+        dequantization: a :class:`UniformDequantization` or :class:`ColumnDequantization` whose noise is
+            added to the data first (discrete images, grid columns of tables); its wrapped objective is
+            not used.
+
+    Raises:
+        ValueError: ``sigma_min`` outside ``[0, 1)``, an unknown ``coupling``.
+
+    References:
+        Lipman, Chen, Ben-Hamu, Nickel & Le, "Flow Matching for Generative Modeling", 2023;
+        Tong, Malkin, Huguet, Zhang, Rector-Brooks, Fatras, Wolf & Bengio, "Improving and generalizing
+        flow-based generative models with minibatch optimal transport", 2023.
+    """
+
+    unit = "squared velocity"
+    COUPLINGS = ("independent", "ot")
+
+    def __init__(self, sigma_min: float = 0.0, coupling: str = "independent",
+                 dequantization: UniformDequantization | ColumnDequantization | None = None):
+        if not 0.0 <= sigma_min < 1.0:
+            raise ValueError(f"FlowMatching needs 0 <= sigma_min < 1, got {sigma_min}")
+        if coupling not in self.COUPLINGS:
+            raise ValueError(f"FlowMatching: coupling must be one of {self.COUPLINGS}, got {coupling!r}")
+        if dequantization is not None and not isinstance(dequantization,
+                                                         (UniformDequantization, ColumnDequantization)):
+            raise TypeError("FlowMatching: dequantization must be a UniformDequantization or a "
+                            f"ColumnDequantization, got {type(dequantization).__name__}")
+        self.sigma_min, self.coupling, self.dequantization = float(sigma_min), coupling, dequantization
+        self.name = "flow_matching" if coupling == "independent" else "ot_flow_matching"
+
+    @staticmethod
+    def split(model: nn.Module) -> tuple[list[Any], Any]:
+        """``(layers before the CNF, the CNF)`` of a flow whose transform is a CNF or a Compose ending in one.
+
+        Raises:
+            TypeError: when ``model`` is not such a flow with a standard normal base.
+        """
+        from .core import Compose, Flow
+        from .distributions import StandardNormal
+        from .transforms.continuous import CNF
+
+        transform = getattr(model, "transform", None)
+        layers = list(transform.transforms) if isinstance(transform, Compose) else [transform]
+        if not (isinstance(model, Flow) and layers and isinstance(layers[-1], CNF)):
+            raise TypeError("flow matching trains a Flow whose transform is a CNF or a Compose ending in one "
+                            f"(pushforward.models.cnf), got a {type(model).__name__}"
+                            f"{'' if transform is None else ' with ' + type(transform).__name__}")
+        if not isinstance(model.base, StandardNormal):
+            raise TypeError(f"flow matching needs a StandardNormal base, got {type(model.base).__name__}")
+        return layers[:-1], layers[-1]
+
+    def check(self, model: nn.Module) -> None:
+        self.split(model)
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        before, cnf = self.split(model)
+        if self.dequantization is not None:
+            batch = self.dequantization.dequantize(model, batch, generator)
+        x = batch.x
+        if not x.is_floating_point():
+            raise TypeError(f"flow matching needs continuous data, got {x.dtype}; discrete images are "
+                            "trained with FlowMatching(dequantization=UniformDequantization(levels))")
+        context = cast(Any, model).embed_context(batch.context)
+        with torch.no_grad():
+            for layer in before:
+                x, _ = layer(x, context)
+        shape = x.shape[1:]
+        z = batch.draw(lambda n: torch.randn((n, *shape), generator=generator)).to(x.device, x.dtype)
+        t = batch.draw(lambda n: torch.rand(n, generator=generator)).to(x.device, x.dtype)
+        if self.coupling == "ot":
+            if context is not None:
+                raise ValueError("FlowMatching(coupling='ot') pairs noise and data across the batch, which "
+                                 "ignores the context; use coupling='independent' for a conditional model")
+            z = z[_assignment(x, z)]
+        tb = t.reshape(-1, *([1] * len(shape)))
+        x_t = (1 - tb) * x + (self.sigma_min + (1 - self.sigma_min) * tb) * z
+        target = (1 - self.sigma_min) * z - x
+        v = cnf.velocity(t, x_t, context)
+        return (v - target).square().flatten(1).sum(-1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"flow_matching": f"sigma_min={self.sigma_min}, coupling={self.coupling}"}
+
+    @property
+    def references(self) -> dict[str, Objective]:
+        if isinstance(self.dequantization, UniformDequantization):
+            return {"ode": UniformDequantization(self.dequantization.levels)}
+        if isinstance(self.dequantization, ColumnDequantization):
+            steps, columns = self.dequantization.steps, self.dequantization.columns
+            return {"ode": ColumnDequantization(steps, columns=columns)}
+        return {"ode": NLL()}
+
+    def __repr__(self) -> str:
+        extra = "" if self.dequantization is None else f", dequantization={self.dequantization!r}"
+        return f"FlowMatching(sigma_min={self.sigma_min}, coupling={self.coupling!r}{extra})"
+
+
+def _assignment(x: Tensor, z: Tensor) -> Tensor:
+    """The permutation ``p`` minimising ``sum_i |x_i - z_p(i)|^2`` (exact, by linear assignment)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x.detach().flatten(1).double(), z.detach().flatten(1).double()).square()
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(cols[rows.argsort()], device=x.device)
+
+
+#: The training objectives a run can choose by name (``TrainConfig.objective``, ``--objective``).
+OBJECTIVES = ("nll", "flow-matching", "ot-flow-matching")
+
+
+def select_objective(name: str, density: Objective) -> Objective:
+    """The training objective called ``name``, given the run's likelihood objective ``density``.
+
+    ``"nll"``: ``density`` itself (the exact NLL, or its dequantization bound for images and grid
+    columns). ``"flow-matching"`` / ``"ot-flow-matching"``: :class:`FlowMatching` (independent or OT
+    coupling), adding the noise of ``density``'s dequantization first. A flow-matching model is scored
+    with ``density`` (the likelihood by the ODE).
+
+    Raises:
+        ValueError: an unknown name, or flow matching around a variational dequantizer or an ELBO.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
+    if name == "nll":
+        return density
+    coupling = "ot" if name == "ot-flow-matching" else "independent"
+    if isinstance(density, (UniformDequantization, ColumnDequantization)):
+        return FlowMatching(coupling=coupling, dequantization=density)
+    if type(density) is not NLL:
+        raise ValueError(f"flow matching trains a CNF on continuous or uniformly dequantized data, not "
+                         f"around {density!r}")
+    return FlowMatching(coupling=coupling)
 
 
 class NoiseAugmentation(Objective):

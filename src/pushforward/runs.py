@@ -41,7 +41,7 @@ from .distributed import setup
 from .experiment import Dataset, Run, build_flow, load_dataset, n_examples, open_run, quantize, test_budget
 from .io import atomic_write
 from .nn import classifier_free_guidance
-from .objectives import Batch, Objective, default_objective, denoise
+from .objectives import Batch, Objective, default_objective, denoise, select_objective
 from .rundir import RUN_DIRS, RUN_FILES, clear_run, last_checkpoint
 from .train import History, evaluate, fit, seed_from
 
@@ -152,6 +152,7 @@ def train_run(config: TrainConfig, resume: bool = False, overwrite: bool = False
         from .data.tabular import initialize_from_table
 
         initialize_from_table(flow, dataset.train, objective, seed_from(config.seed, 4))
+    objective = select_objective(config.objective, objective)  # flow matching: trained without the ODE
     for note in dataset.info.get("notes", ()):
         say(note)
     n_params = sum(p.numel() for p in flow.parameters())
@@ -282,15 +283,15 @@ def sample_run(path: str | Path, n: int = 64, temperature: float = 1.0, out: str
                          f"{path} is not one")
     if label is not None and not 0 <= label < classes:
         raise ValueError(f"--label must lie in [0, {classes - 1}], got {label}")
-    torch.manual_seed(seed)
     if guidance and not classes:
         raise ValueError(f"--guidance needs a class-conditional run (train with --condition label); {path} "
                          "is not one")
+    torch.manual_seed(seed)
     written: list[Path] = []
     suffix = "" if temperature == 1.0 else f"_T{temperature:g}"
-    if dataset.is_image:
     if guidance:
         suffix += f"_cfg{guidance:g}"
+    if dataset.is_image:
         nrow, what = None, f"{n} samples"
         noise = run.config.noise
         with torch.no_grad(), classifier_free_guidance(flow, guidance):
@@ -332,7 +333,6 @@ def sample_run(path: str | Path, n: int = 64, temperature: float = 1.0, out: str
     return written
 
 
-def _interpolation(run: Run, dataset: Dataset, target: Path, pairs: int = 4, steps: int = 9) -> Path:
 def _draw(flow: Flow, n: int, context: torch.Tensor | None, temperature: float, noise: float) -> torch.Tensor:
     """``flow.sample(n, context, temperature)``, denoised by one step along the model's score for a run
     trained with Gaussian noise (``noise > 0``, :func:`pushforward.objectives.denoise`)."""
@@ -345,6 +345,7 @@ def _draw(flow: Flow, n: int, context: torch.Tensor | None, temperature: float, 
     return flat.reshape(y.shape)
 
 
+def _interpolation(run: Run, dataset: Dataset, target: Path, pairs: int = 4, steps: int = 9) -> Path:
     """Decodes points on straight lines between the latents of test images."""
     flow = run.flow
     k = min(2 * pairs, len(dataset.test.images))
@@ -385,7 +386,7 @@ def calibrate_steps(config: TrainConfig, minutes: float, trial_steps: int = 15) 
         torch.set_num_threads(config.threads)
     ds = load_dataset(config)
     model = build_flow(config, ds)
-    objective = run_objective(config, model, ds)
+    objective = select_objective(config.objective, run_objective(config, model, ds))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     bs = min(config.batch_size, n_examples(ds.train))
     x = ds.train.images[:bs] if ds.is_image else ds.train[:bs].to(model.dtype)  # the objective dequantizes
