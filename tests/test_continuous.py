@@ -62,7 +62,8 @@ def test_linear_field_pushes_a_gaussian_to_the_gaussian_of_known_density():
     torch.testing.assert_close(flow.log_prob(x), exact, atol=1e-8, rtol=0)
     z, ladj = flow.transform(x)
     torch.testing.assert_close(z, x @ torch.linalg.matrix_exp(a).T, atol=1e-8, rtol=0)
-    torch.testing.assert_close(ladj, torch.full((7,), float(a.trace()), dtype=torch.float64), atol=1e-9, rtol=0)
+    trace = torch.full((7,), float(a.trace()), dtype=torch.float64)
+    torch.testing.assert_close(ladj, trace, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
@@ -191,7 +192,7 @@ def test_flow_matching_loss_decreases_on_moons_and_the_ode_likelihood_improves()
     nll_before = float(NLL().loss(flow.eval(), Batch(x[:256]), g).mean())
     flow.train()
     losses = []
-    for step in range(300):
+    for _ in range(300):
         idx = torch.randint(0, len(x), (128,), generator=g)
         loss = objective.loss(flow, Batch(x[idx]), g).mean()
         opt.zero_grad()
@@ -318,12 +319,14 @@ def test_trained_flow_matching_model_saves_and_loads(tmp_path):
 def test_cli_trains_by_flow_matching_and_evaluates_by_the_ode(tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "pushforward"]
-    train = subprocess.run([*base, "train", "--data", "moons", "--recipe", "cnf", "--objective", "flow-matching",
+    train = subprocess.run([*base, "train", "--data", "moons", "--recipe", "cnf", "--objective",
+                            "flow-matching",
                             "--max-steps", "20", "--run-dir", str(run), "--no-progress",
                             "--set", "n_train=512", "--set", "n_val=128", "--set", "n_test=128",
                             "--set", "model.hidden=[16]"], capture_output=True, text=True)
     assert train.returncode == 0, train.stderr
-    assert "FlowMatching(sigma_min=0.0, coupling='independent')" in (run / "checkpoint" / "state.json").read_text()
+    state = (run / "checkpoint" / "state.json").read_text()
+    assert "FlowMatching(sigma_min=0.0, coupling='independent')" in state
     ev = subprocess.run([*base, "eval", str(run), "--no-progress"], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     assert "NLL" in ev.stdout
