@@ -105,7 +105,8 @@ class Planar(_AmortisedLayer):
 
     Invertible because ``w^T u_hat > -1``, enforced by the reparametrisation of Rezende & Mohamed
     (appendix A): ``u_hat = u + (m(w^T u) - w^T u) w / |w|^2`` with ``m(s) = -1 + softplus(s + log(e - 1))``
-    (the paper's ``m`` shifted so that ``m(0) = 0``: ``u = 0`` is the identity, where the layer starts).
+    (the paper's ``m`` shifted so that ``m(0) = 0``: ``u = 0`` is the identity, where the layer starts;
+    ``w`` starts random and must stay nonzero, as the paper's formula divides by ``|w|^2``).
     ``log|det| = log(1 + tanh'(w^T x + b) w^T u_hat)``, ``O(D)``.
 
     Forward: the explicit map above. Inverse: numerical (bisection on one scalar per example, then
