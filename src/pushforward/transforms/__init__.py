@@ -1,6 +1,7 @@
 """Every transform of the lecture, each a :class:`~pushforward.core.Transform`."""
 
 from .autoregressive import Autoregressive
+from .continuous import CNF, ConvVectorField, MLPVectorField
 from .coupling import (
     AdditiveKernel,
     AffineKernel,
@@ -37,7 +38,9 @@ __all__ = [
     "AffineKernel",
     "AlternatingMask",
     "Autoregressive",
+    "CNF",
     "ChannelMask",
+    "ConvVectorField",
     "CircularSplineKernel",
     "CheckerboardMask",
     "Coupling",
@@ -55,6 +58,7 @@ __all__ = [
     "LipSwish",
     "Logit",
     "LowerTriangular",
+    "MLPVectorField",
     "Mask",
     "Patchify",
     "Permutation",
