@@ -46,25 +46,25 @@ def naf(features: int, layers: int = 5, hidden: Sequence[int] = (64, 64), units:
     References:
         Huang, Krueger, Lacoste & Courville, "Neural Autoregressive Flows", 2018.
     """
-    kernel = DeepSigmoidalKernel(units, depth)
+    kernel = DeepSigmoidalKernel(units, layers=depth)
     ts = _layers(features, layers, kernel, hidden, context_features)
     return Flow(Compose(*ts), StandardNormal(features))
 
 
 @recipe
-def unaf(features: int, layers: int = 5, hidden: Sequence[int] = (64, 64), units: int = 16, nodes: int = 32,
+def unaf(features: int, layers: int = 5, hidden: Sequence[int] = (64, 64), units: int = 16, nodes: int = 64,
          max_log_slope: float = 5.0, context_features: int = 0) -> Flow:
     """Unconstrained neural autoregressive flow: MADE layers whose kernel integrates a positive network.
 
     Each layer maps feature ``i`` by ``beta + int_0^x g(t) dt``, ``g = exp(L tanh(s / L))`` of a network
     ``s`` of ``units`` tanh units whose weights (and ``beta``) a MADE computes from ``x_<i``
     (:class:`~pushforward.transforms.UMNNKernel`); the integral by Clenshaw-Curtis quadrature with
-    ``nodes + 1`` points, the log-determinant ``log g(x)`` exactly; ``L = max_log_slope``. Sampling by
-    bisection.
+    ``nodes + 1`` points (so ``z``, and with it the density, is exact only to the quadrature's error: see
+    the kernel), the log-determinant ``log g(x)`` exactly; ``L = max_log_slope``. Sampling by bisection.
 
     References:
         Wehenkel & Louppe, "Unconstrained Monotonic Neural Networks", 2019.
     """
-    kernel = UMNNKernel(units, nodes, max_log_slope)
+    kernel = UMNNKernel(units, nodes, max_log_slope=max_log_slope)
     ts = _layers(features, layers, kernel, hidden, context_features)
     return Flow(Compose(*ts), StandardNormal(features))
