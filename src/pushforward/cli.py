@@ -58,8 +58,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         runs.say(f"training stopped: {e}")
         return 1
     best = history.best_val_nll
-    runs.say(f"stopped ({history.stop_reason}) at step {history.step}; best validation NLL "
-             f"{best:.4f} nats at step {history.best_step}" if best is not None else
+    figure = ("NLL", "nats") if config.objective == "nll" else (  # flow matching validates on its own loss
+        f"{config.objective} loss", "(squared velocity; pushforward eval scores the likelihood by the ODE)")
+    runs.say(f"stopped ({history.stop_reason}) at step {history.step}; best validation {figure[0]} "
+             f"{best:.4f} {figure[1]} at step {history.best_step}" if best is not None else
              f"stopped ({history.stop_reason}) at step {history.step} before any validation")
     if history.stop_reason == "interrupted":
         import signal
