@@ -48,7 +48,7 @@ def _preprocess(logit: bool, alpha: float) -> list[Transform]:
 
 
 @recipe
-def tarflow(shape: Sequence[int], patch_size: int = 4, channels: int = 128, blocks: int = 4,
+def tarflow(shape: Sequence[int], patch_size: int = 4, channels: int = 64, blocks: int = 4,
             layers_per_block: int = 2, heads: int = 4, logit: bool = True, alpha: float = 0.05,
             scale_bound: float = 3.0, context_features: int = 0) -> Flow:
     """TarFlow: affine autoregressive blocks over patch tokens, each conditioned by a causal Transformer.
@@ -64,7 +64,9 @@ def tarflow(shape: Sequence[int], patch_size: int = 4, channels: int = 128, bloc
     steps per block, each one token's work through the key-value cache.
 
     ``scale_bound`` bounds the log-scales (:class:`~pushforward.transforms.AffineKernel`);
-    ``context_features``: width of the context (the number of classes for a one-hot label).
+    ``context_features``: width of the context (the number of classes for a one-hot label). The
+    defaults are the configuration benchmarked on Fashion-MNIST (426k parameters at 28x28; in a short
+    trial at equal CPU time it led width 128); the paper's models are far larger.
 
     References:
         Zhai et al., "Normalizing Flows are Capable Generative Models", ICML 2025 (TarFlow).
@@ -90,7 +92,7 @@ def _jet_split(features: int, seed: int) -> list[int]:
 
 
 @recipe
-def jet(shape: Sequence[int], patch_size: int = 4, channels: int = 128, couplings: int = 8, layers: int = 2,
+def jet(shape: Sequence[int], patch_size: int = 4, channels: int = 64, couplings: int = 8, layers: int = 1,
         heads: int = 4, logit: bool = True, alpha: float = 0.05, scale_bound: float = 3.0,
         context_features: int = 0) -> Flow:
     """Jet: affine couplings over patch tokens, each conditioned by a Vision Transformer; no multi-scale.
