@@ -70,11 +70,12 @@ class LipSwish(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(F.softplus(self.beta_raw) * x) / 1.1
 
-    def derivative(self, x: Tensor) -> Tensor:
-        """``d LipSwish(x) / dx``, elementwise, in ``[-0.092, 1)``."""
-        beta = F.softplus(self.beta_raw)
-        s = torch.sigmoid(beta * x)
-        return (s + beta * x * s * (1 - s)) / 1.1
+    def with_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(LipSwish(x), d LipSwish(x) / dx)``, elementwise; the derivative lies in ``[-0.092, 1)``."""
+        bx = F.softplus(self.beta_raw) * x
+        s = torch.sigmoid(bx)
+        y = x * s
+        return y / 1.1, (s + bx * (s - s * s)) / 1.1
 
 
 @dataclass(frozen=True)
@@ -193,9 +194,8 @@ class ResidualBlock(Transform):
                                      "features; got none")
                 a = a + self.context(context)
             if i < len(self.activations):
-                act = cast(LipSwish, self.activations[i])
-                slopes.append(act.derivative(a))
-                h = act(a)
+                h, slope = cast(LipSwish, self.activations[i]).with_derivative(a)
+                slopes.append(slope)
             else:
                 h = a
         return h, slopes
@@ -209,10 +209,13 @@ class ResidualBlock(Transform):
 
     @staticmethod
     def jacobian(weights: list[Tensor], slopes: list[Tensor], batch: torch.Size) -> Tensor:
-        """``J_g`` of shape ``(*batch, D, D)``: ``W_L diag(s_{L-1}) W_{L-1} ... diag(s_1) W_1``."""
-        m = weights[0].expand(*batch, *weights[0].shape)
-        for w, s in zip(weights[1:], slopes, strict=True):
-            m = w @ (s[..., :, None] * m)
+        """``J_g`` of shape ``(*batch, D, D)``: ``W_L diag(s_{L-1}) W_{L-1} ... diag(s_1) W_1``.
+
+        Formed from the left, ``D`` rows at a time: each step is one product of ``(batch * D, H)`` rows.
+        """
+        m = weights[-1].expand(*batch, *weights[-1].shape)
+        for w, s in zip(weights[-2::-1], slopes[::-1], strict=True):
+            m = (m * s[..., None, :]) @ w
         return m
 
     def _exact(self, weights, slopes, batch) -> Tensor:
