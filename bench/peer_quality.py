@@ -128,12 +128,14 @@ def _nll(log_prob, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def train_one(lib: str, task: str, budget_s: float, seed: int, quick: bool, clock: str,
-              log=print) -> QualityResult:
+              log=print, builder=None) -> QualityResult:
+    """Trains ``lib``'s model of ``task`` in the shared loop; ``builder(lib, spec, seed=seed)`` replaces
+    :func:`bench.peer_models.build` for other scripts' candidates (``bench/neural.py``)."""
     from pushforward.data import toy_entropy
     from pushforward.metrics import bits_per_dim, mean_and_stderr
 
     res = QualityResult(lib, task, "ok", budget_s=budget_s, seed=seed)
-    if not available(lib):
+    if builder is None and not available(lib):
         res.status, res.message = "missing", f"{lib} not installed"
         return res
     try:
@@ -143,7 +145,7 @@ def train_one(lib: str, task: str, budget_s: float, seed: int, quick: bool, cloc
         return res
     spec = task_specs(quick)[MODEL[task]]
     try:
-        built = build(lib, spec, seed=seed)
+        built = (builder or build)(lib, spec, seed=seed)
     except (Unsupported, Missing) as exc:
         res.status, res.message = "unsupported", str(exc)
         return res
