@@ -5,6 +5,7 @@ circle's periodicity."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -205,3 +206,21 @@ def test_bad_arguments_are_named():
         UMNNKernel(nodes=7)
     with pytest.raises(ValueError, match="Householder"):
         Householder(3, 0)
+
+
+@pytest.mark.parametrize("recipe", ["naf", "unaf"])
+def test_the_command_line_trains_evaluates_and_samples_them(recipe, tmp_path, capsys):
+    """``pushforward train --data moons --recipe naf`` (and unaf), eval (its inverse check), sample."""
+    from pushforward.cli import main
+
+    run = tmp_path / recipe
+    tiny = ["--data", "moons", "--recipe", recipe, "--no-progress", "--set", "n_train=400",
+            "--set", "n_val=100", "--set", "n_test=100", "--set", "model.layers=2",
+            "--set", "model.hidden=[8,8]", "--set", "model.units=4", "--set", "batch_size=100"]
+    assert main(["train", *tiny, "--run-dir", str(run), "--max-steps", "6"]) == 0
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    error = float(re.search(r"max \|f\^-1\(f\(x\)\) - x\| = (\S+)", out).group(1))
+    assert error < 1e-4  # float32: bisection to the dtype's resolution
+    assert main(["sample", str(run), "--n", "50", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").exists()
