@@ -17,6 +17,7 @@ from pushforward.nn import MADE, MLP, ConvNet
 from pushforward.transforms import (
     Autoregressive,
     ChannelMask,
+    CheckerboardMask,
     CircularSplineKernel,
     Coupling,
     DeepSigmoidalKernel,
@@ -45,6 +46,9 @@ CASES: dict[str, Case] = {
     "naf_inverse_dsf": Case(lambda: Inverse(Autoregressive(V, dsf(), made)), (V,)),
     "dsf_coupling": Case(lambda: Coupling(HalfMask(V), ddsf(), mlp), (V,)),
     "img_dsf_channel": Case(lambda: Coupling(ChannelMask(2), dsf(), conv), IMG),
+    "naf_dsf_identity_init": Case(lambda: Autoregressive(V, dsf(identity_init=True), made), (V,)),
+    "img_ddsf_checkerboard_identity_init": Case(
+        lambda: Coupling(CheckerboardMask(2, 4, 4), ddsf(layers=2, identity_init=True), conv), IMG),
     # UNAF: unconstrained monotonic networks
     "unaf_umnn": Case(lambda: Autoregressive(V, umnn(), made), (V,)),
     "unaf_umnn_context": Case(lambda: Autoregressive(V, umnn(), made, 3), (V,), context=3),

@@ -114,6 +114,24 @@ def test_umnn_quadrature_error_is_below_the_float64_tests():
     torch.testing.assert_close(logd, logd_ref, atol=0, rtol=0)  # log g(x) is exact, not quadrature
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_dsf_with_identity_init_starts_as_the_identity(layers):
+    """identity_init=True: the kernel is the identity at zero parameters, so a layer on a zero-initialised
+    conditioner starts as the identity (and a checkerboard mask's conditioning pixels get ladj 0)."""
+    from pushforward.nn import MADE
+    from pushforward.transforms import Autoregressive
+
+    torch.manual_seed(0)
+    t = Autoregressive(5, DeepSigmoidalKernel(units=4, layers=layers, identity_init=True), MADE).double()
+    x = torch.randn(6, 5, dtype=torch.float64) * 3
+    z, ladj = t(x)
+    torch.testing.assert_close(z, x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ladj, torch.zeros(6, dtype=torch.float64), atol=1e-12, rtol=0)
+    default = DeepSigmoidalKernel(units=4, layers=layers)
+    y, _ = default.forward(x, torch.zeros(6, 5 * default.params, dtype=torch.float64), -1)
+    assert (y - x).abs().max() > 0.1  # the default starts elsewhere (distinct units by offsets)
+
+
 def test_umnn_is_the_identity_at_zero_and_dsf_is_increasing_there():
     x = torch.randn(4, 3, dtype=torch.float64)
     umnn = UMNNKernel(units=4)

@@ -34,19 +34,20 @@ def _layers(features: int, layers: int, kernel: Kernel, hidden: Sequence[int],
 
 @recipe
 def naf(features: int, layers: int = 5, hidden: Sequence[int] = (64, 64), units: int = 16, depth: int = 1,
-        context_features: int = 0) -> Flow:
+        identity_init: bool = False, context_features: int = 0) -> Flow:
     """Neural autoregressive flow: MADE layers whose kernel is a deep sigmoidal flow.
 
     Each layer maps feature ``i`` by ``logit(w . sigmoid(a x_i + b))`` with ``units`` sigmoid units whose
     ``a > 0``, ``b`` and ``w`` (on the simplex) a MADE with hidden sizes ``hidden`` computes from
     ``x_<i`` (and the context); ``depth >= 2`` stacks dense sigmoidal layers (DDSF) of ``units`` units
-    (:class:`~pushforward.transforms.DeepSigmoidalKernel`). Exact density; sampling by bisection, to
-    ``1e-10`` in float64.
+    (:class:`~pushforward.transforms.DeepSigmoidalKernel`; ``identity_init`` starts every layer as the
+    exact identity, at some cost in training speed). Exact density; sampling by bisection, to ``1e-10``
+    in float64.
 
     References:
         Huang, Krueger, Lacoste & Courville, "Neural Autoregressive Flows", 2018.
     """
-    kernel = DeepSigmoidalKernel(units, layers=depth)
+    kernel = DeepSigmoidalKernel(units, layers=depth, identity_init=identity_init)
     ts = _layers(features, layers, kernel, hidden, context_features)
     return Flow(Compose(*ts), StandardNormal(features))
 

@@ -82,11 +82,19 @@ class DeepSigmoidalKernel:
     side) are exact closed forms, computed with ``logsigmoid`` / ``logsumexp`` so that no sigmoid
     saturates to 0 or 1.
 
-    Not the identity at ``params = 0``, unlike the other kernels: identical units would stay
-    identical under gradient descent (a zero-initialised conditioner gives them equal gradients), so
-    the units start with fixed distinct offsets (``b``: evenly spread over ``[-2, 2]``; DDSF's ``U``
-    and ``W``: each hidden unit favours one unit of the layer before). The map at ``params = 0`` is a
-    fixed increasing bijection close to the identity (slope 0.5 to 1).
+    **Start.** Identical units would get identical gradients from a zero-initialised conditioner and
+    stay identical, so the units must differ from the first step. By default
+    (``identity_init=False``) they start with fixed distinct offsets (``b`` evenly over ``[-2, 2]``;
+    DDSF's ``U`` and ``W``: each unit favours one unit of the layer before), so the kernel at
+    ``params = 0`` is a fixed increasing bijection close to the identity (slope 0.5 to 1), **not the
+    identity**: do not pair it with :class:`~pushforward.transforms.CheckerboardMask`, whose
+    conditioning pixels rely on a kernel that is the identity at zero parameters (use
+    ``identity_init=True`` there). With ``identity_init=True`` the kernel is exactly the identity at
+    ``params = 0`` (``a = 1``, ``b = 0``, uniform ``U`` and ``W``: every unit is ``sigmoid(x)``, undone
+    by the ``logit``), as the :class:`~pushforward.protocols.Kernel` protocol asks, and each raw
+    parameter is scaled by its own fixed factor (evenly spaced in ``[0.25, 2]`` within a block), so
+    the first step moves the units apart. It trains slower: on the checkerboard density, 12 CPU-s of
+    the ``naf`` recipe reached a test NLL of 3.81-3.83 nats against 3.73 with the offsets (two seeds).
 
     **Inverse: numerical.** No closed form: the root is bracketed on the grid
     ``+-bound * 2**k`` (``k = 0..expansions``; one batched evaluation), bisected
@@ -103,6 +111,7 @@ class DeepSigmoidalKernel:
         bound: half-width of the inverse's first bracket.
         expansions: how many doublings of the bracket the inverse searches.
         tolerance: the inverse's absolute tolerance for ``|x| <= bound`` (see above).
+        identity_init: start as the exact identity at ``params = 0`` (see above).
 
     Raises:
         ValueError: If ``units < 1``, ``layers < 1``, ``min_slope <= 0``, ``bound <= 0``,
@@ -113,7 +122,7 @@ class DeepSigmoidalKernel:
     """
 
     def __init__(self, units: int = 16, layers: int = 1, min_slope: float = 1e-3, bound: float = 4.0,
-                 expansions: int = 12, tolerance: float = 1e-10):
+                 expansions: int = 12, tolerance: float = 1e-10, identity_init: bool = False):
         if (units < 1 or layers < 1 or not min_slope > 0 or not bound > 0 or expansions < 0
                 or not tolerance > 0):
             raise ValueError(f"invalid DeepSigmoidalKernel: units={units}, layers={layers}, "
@@ -122,6 +131,7 @@ class DeepSigmoidalKernel:
                              "tolerance > 0, expansions >= 0)")
         self.units, self.layers, self.min_slope = units, layers, min_slope
         self.bound, self.expansions, self.tolerance = bound, expansions, tolerance
+        self.identity_init = identity_init
         dims = [1] + [units] * (layers - 1) + [1]
         self._shapes = list(itertools.pairwise(dims))  # (d_in, d_out) per layer
         self.params = sum(2 * units + (units * d_in if d_in > 1 else 0) + d_out * units
@@ -130,25 +140,40 @@ class DeepSigmoidalKernel:
         self._steps = math.ceil(math.log2(2 * bound / tolerance))
 
     def __repr__(self) -> str:
-        return f"DeepSigmoidalKernel(units={self.units}, layers={self.layers})"
+        init = ", identity_init=True" if self.identity_init else ""
+        return f"DeepSigmoidalKernel(units={self.units}, layers={self.layers}{init})"
+
+    def _block(self, p: Tensor, i: int, shape: tuple[int, ...]) -> Tensor:
+        """The raw parameters ``p[..., i: i + n]`` as ``(*, *shape)`` (``identity_init``: each scaled by
+        its own fixed factor)."""
+        n = math.prod(shape)
+        raw = p[..., i: i + n]
+        if self.identity_init:
+            raw = raw * torch.linspace(0.25, 2.0, n, dtype=p.dtype, device=p.device)
+        return raw.unflatten(-1, shape)
 
     def _layers(self, params: Tensor, dim: int) -> list[_Layer]:
         """Per layer ``(log a, b, log U or None, log W)``, each of shape ``(*x.shape, ...)``."""
         p = _elements(params, self.params, dim)
         h, out, i = self.units, [], 0
+        offsets = not self.identity_init
         units = torch.arange(h, device=p.device)
-        spread = torch.linspace(-2.0, 2.0, h, dtype=p.dtype, device=p.device)
         for d_in, d_out in self._shapes:
-            log_a = torch.log(self.min_slope + F.softplus(p[..., i: i + h] + self._shift))
-            b = p[..., i + h: i + 2 * h] + spread
+            log_a = torch.log(self.min_slope + F.softplus(self._block(p, i, (h,)) + self._shift))
+            b = self._block(p, i + h, (h,))
+            if offsets:  # spread evenly over [-2, 2]
+                b = b + torch.linspace(-2.0, 2.0, h, dtype=p.dtype, device=p.device)
             i += 2 * h
             log_u = None
-            if d_in > 1:  # hidden unit k favours input unit k mod d_in
-                favour = (torch.arange(d_in, device=p.device) == (units % d_in)[:, None]).to(p.dtype)
-                log_u = torch.log_softmax(p[..., i: i + h * d_in].unflatten(-1, (h, d_in)) + 2 * favour, -1)
+            if d_in > 1:
+                raw_u = self._block(p, i, (h, d_in))
+                if offsets:  # hidden unit k favours input unit k mod d_in
+                    favour = torch.arange(d_in, device=p.device) == (units % d_in)[:, None]
+                    raw_u = raw_u + 2 * favour.to(p.dtype)
+                log_u = torch.log_softmax(raw_u, -1)
                 i += h * d_in
-            raw_w = p[..., i: i + d_out * h].unflatten(-1, (d_out, h))
-            if d_out > 1:  # output unit j favours hidden unit j mod H
+            raw_w = self._block(p, i, (d_out, h))
+            if offsets and d_out > 1:  # output unit j favours hidden unit j mod H
                 raw_w = raw_w + 2 * (units == (torch.arange(d_out, device=p.device) % h)[:, None]).to(p.dtype)
             out.append((log_a, b, log_u, torch.log_softmax(raw_w, -1)))
             i += d_out * h
