@@ -90,6 +90,8 @@ SCRIPTS = {
     "core_overhead": (["bench/core_overhead.py", "--quick", "--rounds", "1", "--no-diagnostic", "--backend",
                        "eager"], {"core_overhead"}),
     "beyond": (["bench/beyond.py", "--quick"], {"beyond"}),
+    "transformer": (["bench/transformer.py", "--quick", "--out", "{tmp}/runs"], {"transformer"}),
+    "variational": (["bench/variational.py", "--quick"], {"variational"}),
     "flow_vs_vae": (["bench/flow_vs_vae.py", "--quick", "--out", "{tmp}/runs"], {"flow_vs_vae"}),
     "ddp_throughput": (["bench/ddp_throughput.py", "--quick", "--tasks", "moons realnvp"],
                        {"ddp-throughput"}),
