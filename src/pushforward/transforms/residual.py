@@ -87,7 +87,10 @@ class RussianRoulette:
     distribution ``P(m >= j) = (1 - p)^j`` and term ``exact_terms + j`` is divided by ``(1 - p)^j``, so the
     expectation over ``m`` is the whole series. Each trace is Hutchinson's ``v^T J^k v`` with
     ``v ~ N(0, I)`` averaged over ``samples`` probes. Random numbers come from torch's global generator.
-    The expected number of terms is ``exact_terms + (1 - p) / p``.
+    The expected number of terms is ``exact_terms + (1 - p) / p``. The variance grows with ``Lip(g)``:
+    term ``k`` is of size up to ``Lip(g)^k / k``, and the ``j``-th term past the exact ones is reached with
+    probability ``(1 - p)^j``, so its share of the variance stops shrinking once ``Lip(g)^2 > 1 - p``
+    (``Lip(g) > 0.71`` for ``p = 0.5``); a smaller ``p`` or more ``exact_terms`` tame it.
 
     Args:
         p: stopping probability of the geometric distribution, in ``(0, 1)``.
