@@ -179,9 +179,22 @@ def baseline_rows(path: Path = REPO / "BENCHMARKS.md") -> tuple[list[list[str]],
     return rows, where
 
 
-def table(results: list[dict], baselines: list[list[str]]) -> str:
+def step_cost_here(data: str, recipe: str, calib_s: float) -> float:
+    """CPU seconds per optimizer step of a baseline's default model on this machine (one thread), measured the
+    way ``bench/baselines.py`` budgets it: what a CPU-second buys here, next to what it bought there."""
+    import torch
+
+    from bench.baselines import cpu_per_step
+    from pushforward.config import resolve_config
+
+    torch.set_num_threads(1)
+    return cpu_per_step(resolve_config({}, {"data": data, "recipe": recipe, "threads": 1}), calib_s)
+
+
+def table(results: list[dict], baselines: list[list[str]], here: dict[tuple[str, str], float]) -> str:
     rows = []
-    for group in ("fashion-mnist", "digits"):
+    groups = [g for g in ("fashion-mnist", "digits") if any(r["job"]["group"] == g for r in results)]
+    for group in groups:
         for r in results:
             job, e = r["job"], r["eval"]
             if job["group"] != group:
@@ -203,7 +216,9 @@ def table(results: list[dict], baselines: list[list[str]]) -> str:
         for b in baselines:
             if b[0] == group:  # data, recipe, parameters, budget, steps, ms/step, wall, examples, NLL, ...
                 bpd = re.sub(r"\s*bits/dim", "", b[8])
-                rows.append([b[0], b[1], "baselines section", b[2], b[3], b[4], b[5], b[7], bpd, b[-1]])
+                cost = here.get((b[0], b[1].strip("`")))
+                ms = b[5] + ("" if cost is None else f" (here: {cost * 1e3:.0f})")
+                rows.append([b[0], b[1], "baselines section", b[2], b[3], b[4], ms, b[7], bpd, b[-1]])
     return markdown_table(
         [
             "data",
@@ -280,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{run_dir.name}: {r['eval']['bpd']:.4f} bits/dim, sampling {r['sampling']}")
     elapsed = time.monotonic() - t0
     baselines, where = baseline_rows()
+    groups = {r["job"]["group"] for r in results}
+    here = {(b[0], b[1].strip("`")): step_cost_here(b[0], b[1].strip("`"), calib)
+            for b in baselines if b[0] in groups}
     cmd = command_line(sys.argv if argv is None else ["bench/transformer.py", *argv])
     grids = "\n".join(f"![{Path(f).stem}]({f})" for r in results for f in r["figures"])
     text = (
@@ -294,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         "(NLL + D log K) / (D log 2), mean ± standard error over the test images. "
         f"**The `glow` and `realnvp_image` rows are not retrained**: they are copied from the `baselines` "
         f"section below ({where}), trained at the same CPU budgets by `bench/baselines.py`. A CPU-second is "
-        "not the same on both machines: the `ms CPU / step` column of each row was measured where it ran.\n\n"
-        + table(results, baselines)
+        "not the same on both machines: the `ms CPU / step` column of each row was measured where it ran, "
+        "and for the baselines also on this machine (`here`, the same measurement), which says how many more "
+        "steps the same budget would buy them here.\n\n"
+        + table(results, baselines, here)
         + "\n\nSampling (the trained models, one thread, median of 3): TarFlow's inverse is sequential over "
         "the patches of each block; with the key-value cache each step runs one token through the "
         "Transformer, without it the whole sequence. Jet inverts each coupling in one pass.\n\n"
