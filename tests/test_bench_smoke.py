@@ -98,6 +98,8 @@ SCRIPTS = {
     "baselines": (["bench/baselines.py", "--quick", "--only", "toy", "--out", "{tmp}/runs"], {"baselines"}),
     "tables": (["bench/tables.py", "--tables", "wine", "--methods", "gaussian", "--workers", "1"],
                {"tables"}),
+    "continuous": (["bench/continuous.py", "--quick", "--tasks", "moons", "--methods",
+                    "realnvp,cnf-ml,cnf-fm", "--budget", "1", "--jobs", "1"], {"continuous"}),
 }
 
 
