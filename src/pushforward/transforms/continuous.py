@@ -118,7 +118,8 @@ class CNF(Transform):
         eval_divergence: ``"exact"`` or ``"hutchinson"`` in evaluation mode.
         noise: Hutchinson's noise, ``"rademacher"`` (lower variance) or ``"gaussian"``.
         method: a torchdiffeq solver (``"dopri5"``, ``"dopri8"``, ``"bosh3"``, ``"rk4"``, ``"euler"``, ...).
-        rtol, atol: tolerances of an adaptive solver.
+        rtol: relative tolerance of an adaptive solver.
+        atol: absolute tolerance of an adaptive solver.
         step_size: the step of a fixed-step solver (``rk4``, ``euler``, ``midpoint``); ``0`` for adaptive
             ones. Required by the fixed-step solvers.
         adjoint: backpropagate by the adjoint ODE (``torchdiffeq.odeint_adjoint``, memory independent of
