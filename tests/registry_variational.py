@@ -60,6 +60,6 @@ COMPILE: dict[str, Callable] = {
     "planar": lambda: models.planar(4, layers=2),
     "planar_context": lambda: models.planar(2, layers=2, context_features=3),
     "radial": lambda: models.radial(4, layers=2),
-    "sylvester": lambda: models.sylvester(4, layers=2),
-    "sylvester_householder": lambda: models.sylvester(4, layers=2, reflections=2),
+    "sylvester": lambda: models.sylvester(4, layers=1),  # one layer: tracing unrolls its bisections
+    "sylvester_householder": lambda: models.sylvester(4, layers=1, reflections=2),
 }
