@@ -92,6 +92,7 @@ SCRIPTS = {
     "beyond": (["bench/beyond.py", "--quick"], {"beyond"}),
     "transformer": (["bench/transformer.py", "--quick", "--out", "{tmp}/runs"], {"transformer"}),
     "variational": (["bench/variational.py", "--quick"], {"variational"}),
+    "neural": (["bench/neural.py", "--quick"], {"neural"}),
     "flow_vs_vae": (["bench/flow_vs_vae.py", "--quick", "--out", "{tmp}/runs"], {"flow_vs_vae"}),
     "ddp_throughput": (["bench/ddp_throughput.py", "--quick", "--tasks", "moons realnvp"],
                        {"ddp-throughput"}),
