@@ -242,3 +242,17 @@ def test_the_command_line_trains_evaluates_and_samples_them(recipe, tmp_path, ca
     assert error < 1e-4  # float32: bisection to the dtype's resolution
     assert main(["sample", str(run), "--n", "50", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").exists()
+
+
+def test_checkerboard_coupling_refuses_a_kernel_that_is_not_the_identity_at_zero():
+    """CheckerboardMask zeroes the kernel's parameters on its conditioning pixels and relies on the kernel
+    being the identity there: the default NAF kernel is not, so the pairing is an error, not a wrong ladj."""
+    import functools
+
+    from pushforward.nn import ConvNet
+    from pushforward.transforms import CheckerboardMask, Coupling, DeepSigmoidalKernel
+
+    conv = functools.partial(ConvNet, hidden_channels=4)
+    with pytest.raises(ValueError, match="identity at zero parameters"):
+        Coupling(CheckerboardMask(2, 4, 4), DeepSigmoidalKernel(units=4), conv)
+    Coupling(CheckerboardMask(2, 4, 4), DeepSigmoidalKernel(units=4, identity_init=True), conv)

@@ -435,6 +435,10 @@ class Coupling(Transform):
                  context_features: int = 0):
         super().__init__()
         check_kernel(kernel, "Coupling")
+        if type(mask).restrict is not Mask.restrict and not getattr(kernel, "identity_at_zero", True):
+            raise ValueError(f"{type(mask).__name__} leaves its conditioning part to a kernel that is the "
+                             f"identity at zero parameters; {kernel!r} is not (e.g. "
+                             "DeepSigmoidalKernel(identity_init=True) is)")
         self.mask = mask
         self.kernel = kernel
         self.context_features = context_features

@@ -139,6 +139,13 @@ class DeepSigmoidalKernel:
         self._shift = math.log(math.expm1(1 - min_slope))  # a == 1 at raw == 0
         self._steps = math.ceil(math.log2(2 * bound / tolerance))
 
+    @property
+    def identity_at_zero(self) -> bool:
+        """Whether the kernel is the identity at ``params = 0`` (the :class:`~pushforward.protocols.Kernel`
+        protocol's default); :class:`~pushforward.transforms.Coupling` refuses a mask that relies on it
+        (:class:`~pushforward.transforms.CheckerboardMask`) when it is not."""
+        return self.identity_init
+
     def __repr__(self) -> str:
         init = ", identity_init=True" if self.identity_init else ""
         return f"DeepSigmoidalKernel(units={self.units}, layers={self.layers}{init})"
