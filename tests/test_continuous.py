@@ -327,6 +327,8 @@ def test_cli_trains_by_flow_matching_and_evaluates_by_the_ode(tmp_path):
     assert train.returncode == 0, train.stderr
     state = (run / "checkpoint" / "state.json").read_text()
     assert "FlowMatching(sigma_min=0.0, coupling='independent')" in state
+    assert "val flow_matching loss (squared velocity)" in train.stdout + train.stderr  # not called an NLL
+    assert "val NLL" not in train.stdout + train.stderr
     ev = subprocess.run([*base, "eval", str(run), "--no-progress"], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     assert "NLL" in ev.stdout

@@ -890,7 +890,9 @@ def _loop(run: _Run, state: _State, order: _Order, loss_step: LossStep, bar, say
         _checkpoint(run, state)
         clock.val_seconds, clock.save_seconds = t1 - t0, max(clock.save_seconds, time.monotonic() - t1)
         bpd = f" ({row['val_bpd']:.4f} bits/dim)" if "val_bpd" in row else ""
-        say(f"step {state.step}: val NLL {row['val_nll']:.4f}{bpd}" + (" *" if row["best"] else ""))
+        unit = run.objective.unit  # a likelihood in nats, or another objective's own loss (flow matching)
+        what = "NLL" if unit == "nats" else f"{run.objective.name} loss ({unit})"
+        say(f"step {state.step}: val {what} {row['val_nll']:.4f}{bpd}" + (" *" if row["best"] else ""))
         return row
 
     if config.val_at_start and state.step == 0 and state.last_val_step < 0:
