@@ -9,9 +9,10 @@ counted, the best validation weights kept), two runs side by side on the two cor
 * scikit-learn's digits (8x8, 17 levels) at 5 CPU-minutes and Fashion-MNIST (28x28, 256 levels) at 30
   CPU-minutes per model: ``tarflow`` and ``jet``, test bits/dim (the uniform-dequantization bound, the
   formula of every other recipe) +- the standard error over test images, parameters, steps;
-* the baselines ``glow`` and ``realnvp_image`` at the same budgets are **not retrained**: their rows are
+* the baselines ``glow`` and ``realnvp_image`` at the same budgets: trained in the same run with
+  ``--retrain glow`` (their default settings, side by side with the others), otherwise their rows are
   read from the ``baselines`` section of BENCHMARKS.md (written by ``bench/baselines.py``), with the
-  commit and machine they came from;
+  commit and machine they came from, marked as copied;
 * sampling time of the trained TarFlow, with and without the key-value cache (CPU seconds, one thread,
   median of 3), and of Jet (one pass per coupling);
 * sample grids at temperatures 0.7 and 1.0 under ``bench/figures/transformer/``.
@@ -21,6 +22,7 @@ Usage::
     python bench/transformer.py                       # full run (~40 min wall, 2 cores); writes BENCHMARKS.md
     python bench/transformer.py --quick --out /tmp/t  # seconds-long smoke run; no write without --write
     python bench/transformer.py --only digits         # one group; no write
+    python bench/transformer.py --out DIR --reuse --retrain glow   # keep earlier rows, train glow here
 """
 
 from __future__ import annotations
@@ -94,15 +96,19 @@ def say(*args) -> None:
     print(*args, flush=True)
 
 
-def plan(quick: bool, digits_s: float, fashion_s: float, only: list[str] | None) -> list[Job]:
+def plan(quick: bool, digits_s: float, fashion_s: float, only: list[str] | None,
+         retrain: list[str] | None = None) -> list[Job]:
+    """The runs: tarflow and jet on each data set, plus the baselines named in ``retrain`` (``glow``,
+    ``realnvp_image``) at their default settings and the same budget, trained here side by side."""
+    extra = tuple(retrain or ())
     if quick:
         tiny = ("max_train=256", "model.channels=16", "model.heads=2")
-        return [Job("digits", "digits", r, 1.0, CONFIGS["digits"][r] + tiny) for r in ("tarflow", "jet")]
-    jobs = [
-        Job("fashion-mnist", "fashion-mnist", r, fashion_s, CONFIGS["fashion-mnist"][r])
-        for r in ("tarflow", "jet")
-    ]
-    jobs += [Job("digits", "digits", r, digits_s, CONFIGS["digits"][r]) for r in ("tarflow", "jet")]
+        jobs = [Job("digits", "digits", r, 1.0, CONFIGS["digits"][r] + tiny) for r in ("tarflow", "jet")]
+        return jobs + [Job("digits", "digits", r, 1.0, ("max_train=256",)) for r in extra]
+    jobs = []
+    for data, budget in (("fashion-mnist", fashion_s), ("digits", digits_s)):
+        jobs += [Job(data, data, r, budget, CONFIGS[data][r]) for r in ("tarflow", "jet")]
+        jobs += [Job(data, data, r, budget) for r in extra]
     return [j for j in jobs if not only or j.group in only]
 
 
@@ -139,17 +145,19 @@ def sampling_times(run_dir: Path, n: int, repeats: int) -> dict[str, float]:
     return out
 
 
-def figures(run_dir: Path, name: str) -> list[str]:
-    """Sample grids at T = 0.7 and 1.0 of a run, copied under bench/figures/transformer/."""
+def figures(run_dir: Path, name: str, dest: Path = FIGURES) -> list[str]:
+    """Sample grids at T = 0.7 and 1.0 of a run, copied under ``dest`` (bench/figures/transformer/; a smoke
+    run passes its own folder, so it never replaces the published grids)."""
     from pushforward.runs import sample_run
 
-    FIGURES.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
     written = []
     for t in (0.7, 1.0):
-        path = FIGURES / f"{name}_T{t:g}.png"
+        path = dest / f"{name}_T{t:g}.png"
         sample_run(run_dir, n=64, temperature=t, out=str(run_dir / path.name))
         shutil.copyfile(run_dir / path.name, path)
-        written.append(str(path.relative_to(BENCHMARKS.parent)))
+        inside = path.resolve().is_relative_to(BENCHMARKS.parent.resolve())
+        written.append(str(path.resolve().relative_to(BENCHMARKS.parent.resolve()) if inside else path))
     return written
 
 
@@ -213,8 +221,10 @@ def table(results: list[dict], baselines: list[list[str]], here: dict[tuple[str,
                     f"{e.get('max_reconstruction_error', float('nan')):.1e}",
                 ]
             )
+        trained = {r["job"]["recipe"] for r in results if r["job"]["group"] == group}
+        # baseline cells: data, recipe, parameters, budget, steps, ms/step, wall, examples, NLL, ...
         for b in baselines:
-            if b[0] == group:  # data, recipe, parameters, budget, steps, ms/step, wall, examples, NLL, ...
+            if b[0] == group and b[1].strip("`") not in trained:
                 bpd = re.sub(r"\s*bits/dim", "", b[8])
                 cost = here.get((b[0], b[1].strip("`")))
                 ms = b[5] + ("" if cost is None else f" (here: {cost * 1e3:.0f})")
@@ -280,10 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the results of earlier invocations for the same jobs (out/NAME.json)",
     )
+    p.add_argument("--retrain", action="append", choices=("glow", "realnvp_image"), default=[],
+                   help="also train this baseline here, at its defaults and the same budget, instead of "
+                   "copying its row from the baselines section (repeatable)")
     p.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick or --only")
     args = p.parse_args(argv)
     out = Path(args.out)
-    jobs = plan(args.quick, args.digits_s, args.fashion_s, args.only)
+    jobs = plan(args.quick, args.digits_s, args.fashion_s, args.only, args.retrain)
     t0 = time.monotonic()
     calib = min(args.calib_s, 0.5) if args.quick else args.calib_s
     results = run_all(jobs, out, args.workers, calib, 2 if args.quick else args.validations, args.reuse)
@@ -291,13 +304,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         run_dir = out / f"{r['job']['data']}-{r['job']['recipe']}"
         r["sampling"] = [sampling_times(run_dir, n, 1 if args.quick else 3) for n in samples]
-        r["figures"] = figures(run_dir, f"{r['job']['data']}-{r['job']['recipe']}")
+        r["figures"] = figures(run_dir, f"{r['job']['data']}-{r['job']['recipe']}",
+                               out / "figures" if args.quick else FIGURES)
         say(f"{run_dir.name}: {r['eval']['bpd']:.4f} bits/dim, sampling {r['sampling']}")
     elapsed = time.monotonic() - t0
     baselines, where = baseline_rows()
     groups = {r["job"]["group"] for r in results}
+    trained = {(r["job"]["group"], r["job"]["recipe"]) for r in results}
+    baselines = [b for b in baselines if (b[0], b[1].strip("`")) not in trained]
     here = {(b[0], b[1].strip("`")): step_cost_here(b[0], b[1].strip("`"), calib)
             for b in baselines if b[0] in groups}
+    copied = sorted({f"`{b[1].strip('`')}` ({b[0]})" for b in baselines if b[0] in groups})
+    retrained = sorted({f"`{r}` ({g})" for g, r in trained if r in ("glow", "realnvp_image")})
     cmd = command_line(sys.argv if argv is None else ["bench/transformer.py", *argv])
     grids = "\n".join(f"![{Path(f).stem}]({f})" for r in results for f in r["figures"])
     text = (
@@ -310,11 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         "the weights' moving average, `ema=0.999`, is what is validated and kept), then `pushforward eval` "
         "scores the test set. Test bits/dim is the uniform-dequantization bound of every recipe, "
         "(NLL + D log K) / (D log 2), mean ± standard error over the test images. "
-        f"**The `glow` and `realnvp_image` rows are not retrained**: they are copied from the `baselines` "
-        f"section below ({where}), trained at the same CPU budgets by `bench/baselines.py`. A CPU-second is "
-        "not the same on both machines: the `ms CPU / step` column of each row was measured where it ran, "
-        "and for the baselines also on this machine (`here`, the same measurement), which says how many more "
-        "steps the same budget would buy them here.\n\n"
+        + (f"Baselines trained in this run, at their default settings and the same budget (`--retrain`): "
+           f"{', '.join(retrained)}. " if retrained else "")
+        + (f"**Rows copied, not retrained**: {', '.join(copied)}, from the `baselines` section below "
+           f"({where}), trained at the same CPU budgets by `bench/baselines.py`. A CPU-second is not the "
+           "same on both machines: the `ms CPU / step` column of each row was measured where it ran, and "
+           "for the copied rows also on this machine (`here`, the same measurement), which says how many "
+           "more steps the same budget would buy them here." if copied else "")
+        + "\n\n"
         + table(results, baselines, here)
         + "\n\nSampling (the trained models, one thread, median of 3): TarFlow's inverse is sequential over "
         "the patches of each block; with the key-value cache each step runs one token through the "
