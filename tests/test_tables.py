@@ -130,6 +130,29 @@ def test_sized_defaults_place_the_gaussian_by_table_size():
         tabular(3, gaussian_at="middle")
 
 
+def test_weight_decay_is_sized_to_the_table_and_a_users_value_is_kept(tmp_path):
+    """Small tables get Adam's L2 penalty, large ones none, a value the user gives is kept, and the
+    sentinel ``-1`` means none outside tables (the optimizer never sees a negative decay)."""
+    from pushforward.config import resolve_config
+    from pushforward.experiment import load_dataset
+    from pushforward.train import make_optimizer
+
+    rng = np.random.default_rng(0)
+    small = _csv(tmp_path / "small.csv", rng.normal(size=(200, 3)))
+    large = _csv(tmp_path / "large.csv", rng.normal(size=(2_000, 3)))
+    sized = {}
+    runs = (("small", small, {}), ("large", large, {}), ("user", small, {"weight_decay": 0.5}))
+    for name, csv, extra in runs:
+        config = _config(csv, tmp_path / name, **extra)
+        assert config.weight_decay == extra.get("weight_decay", -1)
+        load_dataset(config)
+        sized[name] = config.weight_decay
+    assert sized == {"small": 3e-3, "large": 0.0, "user": 0.5}
+    moons = resolve_config({}, {"data": "moons", "weight_decay": -1})
+    optimizer = make_optimizer(moons, [torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0
+
+
 @pytest.mark.parametrize("far", [50.0, 1e4])
 def test_outlier_row_scores_near_the_gaussian(far):
     """A row far outside the training data (whitened value ``far`` in one coordinate, as in Shuttle's test

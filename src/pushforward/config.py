@@ -76,7 +76,8 @@ class TrainConfig:
         lr: peak learning rate of Adam.
         lr_min: final learning rate of the cosine decay, as a fraction of ``lr``.
         warmup_steps: linear warm-up from 0 to ``lr`` over this many steps.
-        weight_decay: Adam's L2 penalty.
+        weight_decay: Adam's L2 penalty on every parameter (``-1``: sized to the table, for tables; ``0``
+            elsewhere).
         epochs: number of passes over the training set (ignored when ``max_steps`` is set).
         max_steps: total optimizer steps (``0``: ``epochs`` decides); the cosine runs over this total.
         max_minutes: wall-clock budget of one invocation (``0``: none); the run validates, saves and

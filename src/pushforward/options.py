@@ -166,7 +166,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "lr": _positive(),
     "lr_min": Rule(float, low=0, high=1),
     "warmup_steps": _int(0),
-    "weight_decay": Rule(float, low=0),
+    "weight_decay": Rule(float, low=-1, note="-1: sized to the table, for tables (0 elsewhere)"),
     "epochs": _int(1),
     "max_steps": _int(-1, "0: epochs decide; -1: sized to the table, for tables"),
     "max_minutes": Rule(float, low=0, note="0: no limit"),

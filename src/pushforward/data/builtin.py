@@ -189,7 +189,7 @@ register("table", kind="table", load=table_splits, metavar="FILE.csv|.npy|.npz",
          help="a numeric table, standardised with the training rows' mean and std; columns on a grid "
               "are dequantized; the model starts at the full-covariance Gaussian",
          settings={"batch_size": 256, "lr": 1e-3, "max_steps": -1, "val_every": -1, "warmup_steps": 100,
-                   "patience": 20, "val_at_start": True},
+                   "weight_decay": -1, "patience": 20, "val_at_start": True},
          recipe="tabular", models={"tabular": {"layers": "auto", "hidden": "auto", "gaussian_at": "auto",
                                                "shrinkage": "ledoit-wolf"},
                                    "nsf": {"layers": 5, "hidden": [128, 128], "bins": 8},
