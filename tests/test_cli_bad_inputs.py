@@ -296,7 +296,7 @@ BAD_VALUES = [
     ("clip=-1", [*TRAIN, "--set", "clip=-1"], 2, ["clip", ">= 0"]),
     ("warmup_steps=-1", [*TRAIN, "--set", "warmup_steps=-1"], 2, ["warmup_steps", ">= 0"]),
     ("patience=-2", [*TRAIN, "--set", "patience=-2"], 2, ["patience", ">= 0"]),
-    ("weight_decay=-1", [*TRAIN, "--set", "weight_decay=-1"], 2, ["weight_decay", ">= 0"]),
+    ("weight_decay=-0.5", [*TRAIN, "--set", "weight_decay=-0.5"], 2, ["weight_decay", ">= 0, or -1"]),
     ("n_train=0", [*TRAIN, "--set", "n_train=0"], 2, ["n_train", "integer >= 1"]),
     ("eval_batch_size=0", [*TRAIN, "--set", "eval_batch_size=0"], 2, ["eval_batch_size", ">= 1"]),
     ("threads=-1", [*TRAIN, "--set", "threads=-1"], 2, ["threads", ">= 0"]),

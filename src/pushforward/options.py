@@ -45,7 +45,8 @@ class Rule:
 
     ``kind`` is ``int``, ``float``, ``bool``, ``str``, ``dict`` or ``list`` (a list of positive
     integers); ``low`` / ``high`` bound numbers (``*_open``: strictly); ``pattern`` is a regular
-    expression a string must match; ``note`` says what special values mean (``0: no limit``).
+    expression a string must match; ``note`` says what special values mean (``0: no limit``);
+    ``sentinel`` is one special number allowed outside the range (``-1``: sized to the table).
     """
 
     kind: type
@@ -56,6 +57,7 @@ class Rule:
     pattern: str = ""
     note: str = ""
     words: str = ""
+    sentinel: float | None = None
 
     def allowed(self) -> str:
         """What the rule allows, in words: ``an integer >= 1``, ``a finite number in (0, 1)``."""
@@ -79,6 +81,8 @@ class Rule:
             range_ = f" {'<' if self.high_open else '<='} {_num(self.high)}"
         else:
             range_ = ""
+        if self.sentinel is not None:
+            return f"{what}{range_}, or {_num(self.sentinel)}" + (f" ({self.note})" if self.note else "")
         return what + range_ + (f" ({self.note})" if self.note else "")
 
     def convert(self, value: Any) -> Any:
@@ -135,6 +139,8 @@ class Rule:
         return out
 
     def _in_range(self, x: float) -> bool:
+        if self.sentinel is not None and x == self.sentinel:
+            return True
         if self.low is not None and (x <= self.low if self.low_open else x < self.low):
             return False
         return not (self.high is not None and (x >= self.high if self.high_open else x > self.high))
@@ -166,7 +172,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "lr": _positive(),
     "lr_min": Rule(float, low=0, high=1),
     "warmup_steps": _int(0),
-    "weight_decay": Rule(float, low=-1, note="-1: sized to the table, for tables (0 elsewhere)"),
+    "weight_decay": Rule(float, low=0, sentinel=-1, note="-1: sized to the table; 0 for other data"),
     "epochs": _int(1),
     "max_steps": _int(-1, "0: epochs decide; -1: sized to the table, for tables"),
     "max_minutes": Rule(float, low=0, note="0: no limit"),
