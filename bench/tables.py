@@ -14,8 +14,9 @@ Methods, each at the same CPU budget per table (``--budget`` seconds of one thre
   ``max_steps`` capped to what fits the budget;
 - ``gaussian``: the full-covariance Gaussian fitted to the training rows (closed form, no budget);
 - ``zuko-nsf`` / ``zuko-maf``: ``zuko.flows.NSF(D)`` / ``zuko.flows.MAF(D)`` with their documented
-  defaults (3 transforms, hidden (64, 64)), trained by the same loop (Adam, lr 1e-3, batch 256, warm-up
-  and cosine, validation, early stopping, best weights restored), their steps capped to the budget.
+  defaults (3 transforms, hidden (64, 64)), trained by the same loop with the same settings as
+  pushforward (Adam, lr 1e-3, batch 256, warm-up and cosine, the table's L2 penalty, validation, early
+  stopping, best weights restored), their steps capped to the budget.
 
 The budget is CPU time of the worker process (one thread), so a loaded machine does not change who gets
 how many steps: each trained method times 20 of its own optimizer steps and one validation pass on a
@@ -189,7 +190,7 @@ def run_one(job: tuple[str, str, str, float, str, int]) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     csv = folder / f"{name}.csv"
     if not csv.exists():
-        tmp = csv.with_suffix(f".{method}.tmp")
+        tmp = csv.with_suffix(f".{method}.{seed}.{os.getpid()}.tmp")
         np.savetxt(
             tmp, table, delimiter=",", header=",".join(c.replace(",", "_") for c in columns), comments=""
         )
@@ -237,20 +238,38 @@ def run_one(job: tuple[str, str, str, float, str, int]) -> dict:
     return row
 
 
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error from their spread (``K >= 2``)."""
+    k = len(values)
+    mean = sum(values) / k
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1) / k)
+
+
 def pooled(rows: list[dict]) -> list[dict]:
-    """One row per (table, method): the mean over its seeds of the test NLL, +- ``sqrt(sum se_k^2) / K``
-    (each seed's standard error over its own test rows), and the mean steps."""
+    """One row per (table, method). One seed: its test NLL +- the s.e. over its test rows. Several seeds
+    (each its own split, initialisation and noise): the mean over the seeds +- the s.e. of that mean from
+    the seeds' spread (which holds the test rows' noise, the split's and the training's), and the mean
+    steps."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["table"], r["method"]), []).append(r)
     out = []
     for runs in groups.values():
+        runs = sorted(runs, key=lambda r: r.get("seed", 0))
         k = len(runs)
-        out.append({**runs[0], "nll": sum(r["nll"] for r in runs) / k,
-                    "stderr": math.sqrt(sum(r["stderr"] ** 2 for r in runs)) / k,
-                    "steps": round(sum(r["steps"] for r in runs) / k), "seeds": k,
-                    "per_seed": [r["nll"] for r in sorted(runs, key=lambda r: r.get("seed", 0))]})
+        nll, stderr = _mean_se([r["nll"] for r in runs]) if k > 1 else (runs[0]["nll"], runs[0]["stderr"])
+        out.append({**runs[0], "nll": nll, "stderr": stderr, "seeds": k,
+                    "steps": round(sum(r["steps"] for r in runs) / k),
+                    "per_seed": [r["nll"] for r in runs]})
     return out
+
+
+def _difference(a: dict, b: dict) -> tuple[float, float]:
+    """``a - b`` in test NLL and its s.e.: paired over the seeds when both ran several (the same splits),
+    else from the two rows' s.e."""
+    if a["seeds"] > 1 and len(a["per_seed"]) == len(b["per_seed"]):
+        return _mean_se([x - y for x, y in zip(a["per_seed"], b["per_seed"], strict=True)])
+    return a["nll"] - b["nll"], math.hypot(a["stderr"], b["stderr"])
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -262,20 +281,23 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = [
         "## Real tables at default settings (issue 16)",
         "",
-        f"Command: `{command}`",
+        f"Command: {command}",
         "",
         "Test NLL, nats per row in the standardised space (training mean and std), +- the standard error "
         "over the test rows; lower is better. Tables with grid columns (`grid`) report the bound on their "
         "discrete values (uniform noise of one grid step, log-volume counted), the same for every method. "
         "The same seeded 80/10/10 split for every method and the same CPU budget per trained method (one "
         "thread). Where a table ran with several seeds (`seeds`: each seed its own split, initialisation "
-        "and noise), the figure is the mean over the seeds, +- sqrt(sum of the seeds' squared s.e.) / seeds, "
-        "and a win is decided on the means.",
+        "and noise; every method sees the same splits), the figure is the mean over the seeds +- the s.e. "
+        "of that mean from the seeds' spread, and the differences are paired over the seeds (mean +- s.e. "
+        "of the per-seed differences). A win is decided on the means; `(< 1 s.e.)` marks a difference "
+        "smaller than its s.e.",
         "",
         "| table | rows x D | grid | seeds | " + " | ".join(METHODS) + " | pf - gauss | pf - best zuko |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in METHODS) + " | --- | --- |",
     ]
     met = {"floor": 0, "big": [0, 0], "zuko": [0, 0]}
+    close = 0
     for t in tables:
         cells = []
         for m in METHODS:
@@ -287,8 +309,12 @@ def markdown(rows: list[dict], command: str) -> str:
         ]
         zb = min(zs, key=lambda r: r["nll"]) if zs else None
         any_row = pf or ga
-        d_g = f"{pf['nll'] - ga['nll']:+.3f}" if pf and ga else "-"
-        d_z = f"{pf['nll'] - zb['nll']:+.3f}" if pf and zb else "-"
+        d_g = "{:+.3f} +- {:.3f}".format(*_difference(pf, ga)) if pf and ga else "-"
+        d_z = "-"
+        if pf and zb:
+            diff, se = _difference(pf, zb)
+            d_z = f"{diff:+.3f} +- {se:.3f}" + (" (< 1 s.e.)" if abs(diff) < se else "")
+            close += abs(diff) < se
         if pf and ga:
             met["floor"] += pf["nll"] <= ga["nll"] + pf["stderr"]
             if pf["rows"] >= 1000:
@@ -310,14 +336,18 @@ def markdown(rows: list[dict], command: str) -> str:
         f"({met['floor']}/{n}); {'met' if big_ok else 'missed'}, better than the Gaussian on every table "
         f"with >= 1,000 rows ({met['big'][0]}/{met['big'][1]}); "
         f"{'met' if met['zuko'][0] >= need else 'missed'}, better than zuko's better model on at least 3 "
-        f"of every 4 tables ({met['zuko'][0]}/{met['zuko'][1]}, {need} needed); the NLL is a bound on "
-        "the discrete values of every table with grid columns.",
+        f"of every 4 tables ({met['zuko'][0]}/{met['zuko'][1]}, {need} needed; on {close} of the "
+        f"{met['zuko'][1]} tables the difference is smaller than its s.e., so that count would move "
+        "between runs); the NLL is a bound on the discrete values of every table with grid columns.",
         "",
         "The budget is CPU seconds of each worker process (`time.process_time`): every trained method "
         "times 20 of its own optimizer steps and one validation pass, then gets `max_steps = (0.9 x "
         "budget - 40 validations) / step` steps, capped at the table's sized `max_steps`; the wall clock "
-        "is only a safety net, at 4x the budget. Step counts therefore move a little between runs on a "
-        "shared machine. pushforward's model is the `table` entry's default, `tabular`, sized by the "
+        "is only a safety net, at 4x the budget. A step's CPU time grows when other processes share the "
+        "cores (caches, memory bandwidth), so the step counts move between runs on a shared machine: "
+        "LetterRecognition's went from 1,266 to 704 between two runs. zuko's NSF and MAF are trained by the "
+        "same loop with the same settings as pushforward, the table's L2 penalty included. "
+        "pushforward's model is the `table` entry's default, `tabular`, sized by the "
         "number of training rows (`pushforward.data.tabular.sized_defaults`): 3 autoregressive "
         "rational-quadratic spline layers (8 bins on [-4, 4], hidden width 32, 64 or 128 below 1,000, "
         "below 10,000, or from 10,000 rows), their conditioners reading soft-clipped inputs "
@@ -352,7 +382,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--few", type=int, default=1000, help="row count below which --seeds applies")
     parser.add_argument("--out", default="", help="write the rows as JSON lines here")
     parser.add_argument("--write", action="store_true", help="replace the tables section of BENCHMARKS.md")
+    parser.add_argument("--rows", default="", help="train nothing: render the JSON lines of an earlier --out")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.common import library_revision, write_section
+
+    if args.rows:
+        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
+        text = markdown(rows, Path(args.rows).with_suffix(".command").read_text().strip())
+        print(text)
+        if args.write:
+            write_section("tables", text)
+        return
     tables, methods = args.tables.split(","), args.methods.split(",")
     unknown = sorted(set(tables) - set(MLBENCH + SKLEARN)) + sorted(set(methods) - set(METHODS))
     if unknown:
@@ -375,12 +416,12 @@ def main(argv: list[str] | None = None) -> None:
                     with open(args.out, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
     command = "python " + " ".join(["bench/tables.py", *(argv if argv is not None else sys.argv[1:])])
+    command = f"`{command}` (library at {library_revision()}, {time.strftime('%Y-%m-%d')})"
+    if args.out:  # what --rows renders the rows with
+        Path(args.out).with_suffix(".command").write_text(command + "\n")
     text = markdown(rows, command)
     print(text)
     if args.write:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from bench.common import write_section
-
         write_section("tables", text)
 
 
