@@ -272,6 +272,21 @@ def _difference(a: dict, b: dict) -> tuple[float, float]:
     return a["nll"] - b["nll"], math.hypot(a["stderr"], b["stderr"])
 
 
+def _sized_description() -> str:
+    """What ``sized_defaults`` chooses for a small, a middle-sized and a large table, read from it (so
+    the text cannot drift from the code)."""
+    from pushforward.data.tabular import sized_defaults
+
+    parts = []
+    for label, rows in (("500 training rows", 500), ("5,000", 5_000), ("50,000", 50_000)):
+        s = sized_defaults(rows, 10)
+        m = s["model"]
+        parts.append(f"{label}: {m['layers']} spline layers of hidden width {m['hidden'][0]}, the Gaussian "
+                     f"layer at the {'latent' if m['gaussian_at'] == 'end' else 'data'} end, L2 penalty "
+                     f"{s['weight_decay']:g}")
+    return "; ".join(parts)
+
+
 def markdown(rows: list[dict], command: str) -> str:
     """The BENCHMARKS.md section: one line per table, NLL +- s.e. per method (pooled over seeds), and the
     targets."""
@@ -347,15 +362,12 @@ def markdown(rows: list[dict], command: str) -> str:
         "cores (caches, memory bandwidth), so the step counts move between runs on a shared machine: "
         "LetterRecognition's went from 1,266 to 704 between two runs. zuko's NSF and MAF are trained by the "
         "same loop with the same settings as pushforward, the table's L2 penalty included. "
-        "pushforward's model is the `table` entry's default, `tabular`, sized by the "
-        "number of training rows (`pushforward.data.tabular.sized_defaults`): 3 autoregressive "
-        "rational-quadratic spline layers (8 bins on [-4, 4], hidden width 32, 64 or 128 below 1,000, "
-        "below 10,000, or from 10,000 rows), their conditioners reading soft-clipped inputs "
-        "(`4 tanh(x / 4)`); a full-covariance Gaussian layer started at the Ledoit-Wolf shrunk "
-        "covariance, so the untrained flow is that Gaussian (at the latent end below 1,000 rows, at the "
-        "data end from 1,000); Adam's L2 penalty 3e-3 below 1,000 rows, none above; the starting "
-        "weights are a candidate for the best ones (`val_at_start`). The `gaussian` column is the "
-        "maximum-likelihood Gaussian, without shrinkage.",
+        "pushforward's model is the `table` entry's default, `tabular`, sized by the number of training "
+        f"rows (`pushforward.data.tabular.sized_defaults`): {_sized_description()}; the conditioners "
+        "read soft-clipped inputs (`4 tanh(x / 4)`) and the Gaussian layer starts at the Ledoit-Wolf "
+        "shrunk covariance, so the untrained flow is that Gaussian; the starting weights are a candidate "
+        "for the best ones (`val_at_start`). The `gaussian` column is the maximum-likelihood Gaussian, "
+        "without shrinkage.",
     ]
     steps = ", ".join(f"{r['table']} {r['steps']}" for r in rows if r["method"] == "pushforward")
     lines += ["", f"pushforward's optimizer steps within the budget (mean over seeds): {steps}."]
@@ -400,12 +412,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown table(s)/method(s): {', '.join(unknown)}")
     if "zuko-nsf" in methods or "zuko-maf" in methods:
         _need("zuko", "pip install -e '.[bench]' (zuko==1.6.0)")
-    for t in tables:  # fail early on missing data, before anything trains
-        if t not in SKLEARN:
-            load_table(t, args.data_dir)
+    # read every table once up front: missing data fails before anything trains, and sizes pick the seeds
+    sizes = {t: len(load_table(t, args.data_dir)[0]) for t in tables}
     rows = []
     with tempfile.TemporaryDirectory(prefix="pf-tables-") as work:
-        sizes = {t: len(load_table(t, args.data_dir)[0]) for t in tables}
         jobs = [(t, m, args.data_dir, args.budget, work, seed) for t in tables
                 for seed in range(args.seeds if sizes[t] < args.few else 1) for m in methods]
         with ProcessPoolExecutor(args.workers) as pool:

@@ -338,6 +338,27 @@ def test_bench_tables_smoke(tmp_path, capsys):
         tables.load_table("Glass", str(tmp_path))
 
 
+def test_bench_tables_pools_seeds_by_their_spread_and_pairs_differences():
+    """Several seeds: the mean over seeds +- sd / sqrt(K) (not the rows' pooled s.e.), and differences
+    paired seed by seed; one seed keeps its own s.e. over test rows."""
+    sys.path.insert(0, str(REPO))
+    from bench.tables import _difference, pooled
+
+    def row(method, seed, nll, stderr=9.0):
+        return {"table": "t", "method": method, "seed": seed, "nll": nll, "stderr": stderr, "steps": 10}
+
+    rows = [row("pushforward", s, v) for s, v in enumerate([1.0, 2.0, 6.0])]
+    rows += [row("zuko-nsf", s, v) for s, v in enumerate([2.0, 3.0, 7.5])]
+    rows += [row("gaussian", 0, 4.0, stderr=0.5)]
+    by = {r["method"]: r for r in pooled(rows)}
+    assert by["pushforward"]["nll"] == pytest.approx(3.0)
+    assert by["pushforward"]["stderr"] == pytest.approx(np.std([1.0, 2.0, 6.0], ddof=1) / math.sqrt(3))
+    assert by["gaussian"]["stderr"] == 0.5 and by["gaussian"]["seeds"] == 1
+    diff, se = _difference(by["pushforward"], by["zuko-nsf"])  # per seed -1, -1, -1.5
+    assert diff == pytest.approx(-7 / 6)
+    assert se == pytest.approx(np.std([-1.0, -1.0, -1.5], ddof=1) / math.sqrt(3))
+
+
 def _has(module: str) -> bool:
     try:
         __import__(module)

@@ -82,7 +82,7 @@ class Rule:
         else:
             range_ = ""
         if self.sentinel is not None:
-            return f"{what}{range_}, or {_num(self.sentinel)}" + (f" ({self.note})" if self.note else "")
+            range_ += f", or {_num(self.sentinel)}"
         return what + range_ + (f" ({self.note})" if self.note else "")
 
     def convert(self, value: Any) -> Any:
